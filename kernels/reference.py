@@ -1,0 +1,30 @@
+"""Pure-PyTorch reference for the masked BatchNorm kernels, shared by tests and benchmarks.
+
+    y = F.batch_norm(x, running_mean, running_var, weight * mask, bias, training, momentum, eps)
+    y = relu(y)  if relu
+
+This is exactly what ``rnp_fast.masked_bn.MaskedBatchNorm2d`` computes (plus the optional ReLU
+that follows it in the models), so it is also the eager baseline the benchmarks time.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def masked_batch_norm_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    mask: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    relu: bool = False,
+) -> Tensor:
+    """Same signature and semantics as ``rnp_fast.kernels.masked_bn.masked_batch_norm``."""
+    y = F.batch_norm(x, running_mean, running_var, weight * mask, bias, training, momentum, eps)
+    return F.relu(y) if relu else y

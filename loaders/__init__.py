@@ -1,0 +1,1 @@
+"""Dataset sources and device loaders (installed as rnp_fast.loaders)."""

@@ -1,0 +1,84 @@
+"""A loader whose whole dataset lives on the device as uint8.
+
+Images move to the device once. Each epoch draws a seeded order (``torch.randperm``) and seeded
+augmentation parameters; every batch is gathered, poisoned, cropped, flipped and normalised with
+batched tensor ops on the device. The last partial batch is kept: no image is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from rnp_fast.attacks.base import PoisonPlan
+from rnp_fast.loaders.augment import crop_flip_batch, draw_params, mix_seed, normalise
+from rnp_fast.loaders.sources import ImageSet
+
+ORDER_STREAM = 1  # separate seed streams for order and augmentation
+AUGMENT_STREAM = 2
+
+
+class DeviceLoader:
+    """Iterates ``(images float32 [B, C, H, W], labels int64 [B])`` batches on ``device``."""
+
+    def __init__(
+        self,
+        data: ImageSet,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        shuffle: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+        poison: PoisonPlan | None = None,
+        channels_last: bool = False,
+    ):
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.shuffle, self.augment, self.seed = shuffle, augment, seed
+        self.poison = poison.to(device) if poison is not None else None
+        self.channels_last = channels_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration uses."""
+        self.epoch = epoch
+
+    def epoch_order(self) -> torch.Tensor:
+        count = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(count)
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, ORDER_STREAM, self.epoch))
+        return torch.randperm(count, generator=generator)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.epoch_order().to(self.device)
+        params = draw_params(len(self.labels), mix_seed(self.seed, AUGMENT_STREAM), self.epoch)
+        offsets, flips = params.offsets.to(self.device), params.flips.to(self.device)
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start : start + self.batch_size]
+            yield self.batch(indices, offsets[indices], flips[indices])
+
+    def batch(self, indices: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor):
+        images, labels = self.images[indices], self.labels[indices]
+        if self.poison is not None:
+            images, labels = self.poison.apply(images, labels, indices)
+        if self.augment:
+            images = crop_flip_batch(images, offsets, flips)
+        images = normalise(images, self.mean, self.std)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels

@@ -1,0 +1,55 @@
+"""The defense data: a seeded random subset of the clean training set, part of it held out.
+
+``ratio`` of the training images are drawn once from the run's seed (the reference's 500 of
+CIFAR-10's 50,000 at ratio 0.01). The first ``holdout`` fraction of that draw is kept aside and
+never trained on: it scores the pruning candidates when the threshold is chosen from clean data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rnp_fast.config import DataConfig, EngineConfig
+from rnp_fast.errors import UserError
+from rnp_fast.loaders.augment import mix_seed
+from rnp_fast.loaders.device_loader import DeviceLoader
+from rnp_fast.loaders.reference_loader import ReferenceLoader
+from rnp_fast.loaders.sources import DataSource, ImageSet
+
+SUBSET_STREAM = 3
+
+
+@dataclass
+class DefenseData:
+    train: ImageSet  # used by unlearning and recovering
+    holdout: ImageSet  # used only to choose the threshold
+
+
+def defense_data(source: DataSource, config: DataConfig) -> DefenseData:
+    total = len(source.train)
+    count = round(config.ratio * total)
+    held = round(config.holdout * count)
+    if count - held < 2:
+        raise UserError(
+            f"--ratio {config.ratio} of {total} training images leaves {count - held} defense images; need at least 2"
+        )
+    generator = torch.Generator().manual_seed(mix_seed(config.seed, SUBSET_STREAM))
+    chosen = torch.randperm(total, generator=generator)[:count]
+    return DefenseData(source.train.subset(chosen[held:]), source.train.subset(chosen[:held]))
+
+
+def training_loader(data: ImageSet, source: DataSource, config: DataConfig, engine: EngineConfig, device):
+    """The defense-data loader of the engine's mode (device-resident, or the reference's DataLoader)."""
+    loader_class = DeviceLoader if engine.mode == "fast" else ReferenceLoader
+    return loader_class(
+        data,
+        source.mean,
+        source.std,
+        config.batch_size,
+        device=device,
+        shuffle=config.shuffle,
+        augment=config.augment,
+        seed=config.seed,
+    )

@@ -1,0 +1,40 @@
+"""The epoch loop shared by unlearning, recovering and backdoor training.
+
+Counters stay on the device and are read once per epoch, so a CUDA loop never waits on the host.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+# step(images, labels) -> (summed loss over the batch, number of correct predictions), both tensors
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    lr: float
+    seconds: float
+    loss: float  # mean per-image cross-entropy
+    acc: float  # correct predictions / images seen
+
+
+def run_epoch(loader: Iterable, step: Step, num_images: int, epoch: int, lr: float) -> EpochStats:
+    """One pass of ``step`` over ``loader``; loss and accuracy averaged over ``num_images``."""
+    start = time.perf_counter()
+    loss_sum, correct = None, None
+    for images, labels in loader:
+        batch_loss, batch_correct = step(images, labels)
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        correct = batch_correct if correct is None else correct + batch_correct
+    totals = torch.stack([loss_sum.float(), correct.float()]).tolist()  # the epoch's one host sync
+    return EpochStats(epoch, lr, time.perf_counter() - start, totals[0] / num_images, totals[1] / num_images)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return optimizer.param_groups[0]["lr"]

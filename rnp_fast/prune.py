@@ -1,0 +1,103 @@
+"""Stage 3, pruning: rank channels by mask value and zero their BatchNorm gamma.
+
+Channels are sorted ascending by mask value; ties keep module order (a stable sort), which is the
+order of ``mask_values.txt``. Pruning a channel sets gamma to 0 in the ORIGINAL backdoored model and
+keeps beta, so the channel outputs a constant. Two schedules:
+
+- by threshold t = 0, step, 2*step, ... <= max: prune every channel whose mask <= t (cumulative);
+- by number N = step, 2*step, ... <= max: prune the N lowest channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Channel:
+    layer: str  # BatchNorm module name, e.g. "layer4.1.bn2"
+    index: int  # channel index inside that layer
+    value: float  # mask value
+
+
+@dataclass
+class PruneStep:
+    """One candidate: the ``count`` lowest channels of the ranking, labelled by threshold or count."""
+
+    label: float  # the threshold (or the channel count with pruning by number)
+    count: int
+    channels: list[Channel]
+    # The first channel of the ranking left unpruned: the reference's threshold table names this one
+    # (its loop stops at the first mask above the threshold and reports it), as its published
+    # pruning_by_threshold.txt shows for all 19 rows.
+    boundary: Channel | None = None
+
+    @property
+    def last(self) -> Channel | None:
+        return self.channels[-1] if self.channels else None
+
+
+def rank_channels(channels: list[Channel]) -> list[Channel]:
+    """Ascending by mask value; Python's sort is stable, so ties stay in module order."""
+    return sorted(channels, key=lambda channel: channel.value)
+
+
+def thresholds(maximum: float, step: float) -> list[float]:
+    """0, step, 2*step, ... up to ``maximum``; i * step, so 3 * 0.05 prints 0.15000000000000002
+    exactly as the reference's table does."""
+    count = int(round(maximum / step + 1e-9))
+    return [i * step for i in range(count + 1)]
+
+
+def threshold_schedule(ranked: list[Channel], maximum: float, step: float) -> list[PruneStep]:
+    values = torch.tensor([channel.value for channel in ranked], dtype=torch.float64)
+    steps = []
+    for threshold in thresholds(maximum, step):
+        count = int(torch.searchsorted(values, threshold, right=True))  # channels with value <= t
+        steps.append(make_step(ranked, threshold, count))
+    return steps
+
+
+def make_step(ranked: list[Channel], label: float, count: int) -> PruneStep:
+    boundary = ranked[count] if count < len(ranked) else None
+    return PruneStep(label, count, ranked[:count], boundary)
+
+
+def number_schedule(ranked: list[Channel], maximum: int, step: int) -> list[PruneStep]:
+    counts = range(int(step), min(int(maximum), len(ranked)) + 1, int(step))
+    return [make_step(ranked, float(count), count) for count in counts]
+
+
+def schedule(ranked: list[Channel], by: str, maximum: float, step: float) -> list[PruneStep]:
+    if by == "threshold":
+        return threshold_schedule(ranked, maximum, step)
+    return number_schedule(ranked, int(maximum), int(step))
+
+
+def single_threshold_step(ranked: list[Channel], threshold: float) -> PruneStep:
+    values = torch.tensor([channel.value for channel in ranked], dtype=torch.float64)
+    count = int(torch.searchsorted(values, threshold, right=True))
+    return make_step(ranked, threshold, count)
+
+
+@torch.no_grad()
+def prune_(model: nn.Module, channels: list[Channel]) -> nn.Module:
+    """Zero gamma of ``channels`` in ``model`` (in place); beta is kept."""
+    modules = dict(model.named_modules())
+    by_layer: dict[str, list[int]] = {}
+    for channel in channels:
+        by_layer.setdefault(channel.layer, []).append(channel.index)
+    for layer, indices in by_layer.items():
+        modules[layer].weight[torch.tensor(indices, device=modules[layer].weight.device)] = 0.0
+    return model
+
+
+def pruned_state_dict(state: dict[str, torch.Tensor], channels: list[Channel]) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` with gamma of ``channels`` set to 0."""
+    pruned = {key: value.clone() for key, value in state.items()}
+    for channel in channels:
+        pruned[f"{channel.layer}.weight"][channel.index] = 0.0
+    return pruned

@@ -1,0 +1,114 @@
+"""Reference-format files and our own reports.
+
+- ``mask_values.txt``: ``No \\t Layer Name \\t Neuron Idx \\t Mask Score`` then one row per channel;
+- ``pruning_by_threshold.txt`` / ``pruning_by_number.txt``: one row per evaluated step;
+- ``pruning.csv`` (every metric per step), ``pruning.png`` (clean accuracy and ASR vs threshold).
+
+The text formats follow the reference byte for byte where its logs show them, so results can be
+compared line by line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from rnp_fast.errors import UserError
+from rnp_fast.evaluate import Metrics
+from rnp_fast.prune import Channel, PruneStep
+
+MASK_HEADER = "No \t Layer Name \t Neuron Idx \t Mask Score \n"
+PRUNING_HEADER = "No \t Layer Name \t Neuron Idx \t Mask \t PoisonLoss \t PoisonACC \t CleanLoss \t CleanACC\n"
+EPOCH_HEADER = "Epoch \t lr \t Time \t TrainLoss \t TrainACC \t PoisonLoss \t PoisonACC \t CleanLoss \t CleanACC"
+
+
+def format_mask_values(channels: list[Channel]) -> str:
+    rows = [f"{i} \t {c.layer} \t {c.index} \t {c.value:.4f} \n" for i, c in enumerate(channels)]
+    return MASK_HEADER + "".join(rows)
+
+
+def parse_mask_values(text: str, source: str = "mask file") -> list[Channel]:
+    """Read a mask file the reference's way: whitespace-separated columns, one header row."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"{source} is empty")
+    channels = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        try:
+            channels.append(Channel(fields[1], int(fields[2]), float(fields[3])))
+        except (IndexError, ValueError):
+            raise UserError(f"{source}, line {number}: expected 'No Layer Idx Score', got {line.strip()!r}") from None
+    if not channels:
+        raise UserError(f"{source} has a header but no channels")
+    return channels
+
+
+def read_mask_file(path: str | Path) -> list[Channel]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"mask file not found: {path}")
+    return parse_mask_values(path.read_text(encoding="utf-8", errors="replace"), str(path))
+
+
+def pruning_row(step: PruneStep, metrics: Metrics, by: str) -> str:
+    # By threshold the reference names the first channel left unpruned, prints the count with two
+    # decimals and the raw float threshold; by number we name the last channel pruned and its mask.
+    named = step.boundary if by == "threshold" else step.last
+    layer, index = (named.layer, named.index) if named else ("None", "None")
+    count = f"{step.count:.2f}" if by == "threshold" else f"{step.count}"
+    label = repr(step.label) if by == "threshold" else f"{named.value:.4f}" if named else "None"
+    return (
+        f"{count} \t {layer} \t {index} \t {label} \t {metrics.poison_loss:.4f} \t {metrics.asr:.4f}"
+        f" \t {metrics.clean_loss:.4f} \t {metrics.clean_acc:.4f}\n"
+    )
+
+
+def format_pruning_table(steps: list[PruneStep], metrics: list[Metrics], by: str) -> str:
+    return PRUNING_HEADER + "".join(pruning_row(s, m, by) for s, m in zip(steps, metrics, strict=True))
+
+
+def format_pruning_csv(steps: list[PruneStep], metrics: list[Metrics], holdout_accs: list[float]) -> str:
+    buffer = io.StringIO()
+    names = list(Metrics.__dataclass_fields__)
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["step", "label", "pruned", *names, "holdout_acc"])
+    for number, (step, metric, holdout) in enumerate(zip(steps, metrics, holdout_accs, strict=True)):
+        values = metric.as_dict()
+        writer.writerow([number, step.label, step.count, *(f"{values[n]:.6f}" for n in names), f"{holdout:.6f}"])
+    return buffer.getvalue()
+
+
+def epoch_row(epoch: int, lr: float, seconds: float, loss: float, acc: float, metrics: Metrics | None) -> str:
+    """A row of the reference's per-epoch table ('-' where no evaluation ran that epoch)."""
+    evaluated = (
+        f"{metrics.poison_loss:.4f} \t {metrics.asr:.4f} \t {metrics.clean_loss:.4f} \t {metrics.clean_acc:.4f}"
+        if metrics
+        else "- \t - \t - \t -"
+    )
+    return f"{epoch} \t {lr:.3f} \t {seconds:.1f} \t {loss:.4f} \t {acc:.4f} \t {evaluated}"
+
+
+def plot_pruning(path: Path, steps: list[PruneStep], metrics: list[Metrics], by: str, chosen: int | None) -> None:
+    """Clean accuracy and ASR against the threshold (or count), the chosen step marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [step.label for step in steps]
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    axes.plot(xs, [m.clean_acc for m in metrics], "o-", label="clean accuracy (non-target)")
+    axes.plot(xs, [m.asr for m in metrics], "s-", label="attack success rate")
+    axes.plot(xs, [m.robust_acc for m in metrics], "^--", label="robust accuracy", alpha=0.6)
+    if chosen is not None:
+        axes.axvline(xs[chosen], color="gray", linestyle=":", label=f"chosen ({xs[chosen]:.3g})")
+    axes.set_xlabel("pruning threshold" if by == "threshold" else "channels pruned")
+    axes.set_ylabel("rate")
+    axes.set_ylim(-0.02, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="center left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -1,0 +1,31 @@
+"""The run's log: timestamped lines like the reference's, to a file and (unless quiet) the terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class RunLog:
+    def __init__(self, path: Path | None, quiet: bool = False):
+        self.handle = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 (closed by close())
+        self.quiet = quiet
+
+    def info(self, message: str) -> None:
+        line = f"[{time.strftime('%Y/%m/%d %H:%M:%S')}] - {message}"
+        if self.handle:
+            self.handle.write(line + "\n")
+            self.handle.flush()
+        if not self.quiet:
+            tqdm.write(line, file=sys.stderr)
+
+    def bar(self, total: int, description: str) -> tqdm:
+        return tqdm(total=total, desc=description, disable=self.quiet, leave=False, file=sys.stderr, unit="epoch")
+
+    def close(self) -> None:
+        if self.handle:
+            self.handle.close()
+            self.handle = None

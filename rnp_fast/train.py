@@ -1,0 +1,156 @@
+"""`train-backdoor`: train a model on a poisoned training set, as an attacker would.
+
+The poisoned images are chosen once from the poisoning seed; the trigger is stamped batch by batch
+on the device before augmentation (the same order the reference's static poisoning gives).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnp_fast import __version__
+from rnp_fast.attacks import build_trigger, training_plan
+from rnp_fast.checkpoint import save_reference_checkpoint, save_safetensors
+from rnp_fast.config import AttackConfig, DataConfig, ModelConfig, doc, require, to_dict
+from rnp_fast.device import describe_device, resolve_device
+from rnp_fast.errors import UserError
+from rnp_fast.evaluate import build_test_sets, evaluate
+from rnp_fast.loaders.device_loader import DeviceLoader
+from rnp_fast.loaders.sources import load_source
+from rnp_fast.loops import current_lr, run_epoch
+from rnp_fast.models import build_model
+from rnp_fast.outputs import RunDirectory
+from rnp_fast.runlog import RunLog
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = doc("training epochs", default=40)
+    lr: float = doc("peak SGD learning rate", default=0.1)
+    momentum: float = doc("SGD momentum", default=0.9)
+    weight_decay: float = doc("SGD weight decay", default=5e-4)
+    lr_schedule: str = doc("onecycle, cosine or multistep (x0.1 at 50% and 75% of training)", default="onecycle")
+
+    def __post_init__(self):
+        require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        require(
+            self.lr_schedule in ("onecycle", "cosine", "multistep"),
+            f"--lr-schedule must be onecycle, cosine or multistep, got {self.lr_schedule!r}",
+        )
+
+
+def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
+    total = config.epochs * steps_per_epoch
+    if config.lr_schedule == "onecycle":  # short warm-up then annealing: fast, stable training
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    milestones = [int(total * 0.5), int(total * 0.75)]
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+
+
+def train_step(model: nn.Module, optimizer, scheduler):
+    def step(images, labels):
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()
+
+    return step
+
+
+def train_backdoor(
+    out: str,
+    model_cfg: ModelConfig,
+    data: DataConfig,
+    attack: AttackConfig,
+    train: TrainConfig,
+    device_name: str = "auto",
+    quiet: bool = False,
+) -> dict:
+    device = resolve_device(device_name)
+    source = load_source(data.dataset, data.data_dir, data.download)
+    if attack.target >= source.num_classes:
+        raise UserError(f"--target {attack.target} is outside the {source.num_classes} classes of {source.name}")
+    trigger = build_trigger(attack.attack, image_size=source.image_shape[-1], channels=source.image_shape[0])
+    plan = training_plan(
+        trigger,
+        source.train.labels,
+        attack.poison_rate,
+        attack.label_mode,
+        attack.target,
+        source.num_classes,
+        attack.poison_seed,
+    )
+    torch.manual_seed(data.seed)
+    model = build_model(model_cfg.arch, source.num_classes, model_cfg.width).to(device)
+    loader = DeviceLoader(
+        source.train,
+        source.mean,
+        source.std,
+        data.batch_size,
+        device,
+        shuffle=True,
+        augment=data.augment,
+        seed=data.seed,
+        poison=plan,
+    )
+    tests = build_test_sets(
+        source.test,
+        trigger,
+        attack.label_mode,
+        attack.target,
+        source.num_classes,
+        source.mean,
+        source.std,
+        device,
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=train.lr,
+        momentum=train.momentum,
+        weight_decay=train.weight_decay,
+        nesterov=True,
+    )
+    scheduler = make_scheduler(optimizer, train, len(loader))
+    step = train_step(model, optimizer, scheduler)
+    started = time.perf_counter()
+    with RunDirectory(out) as run:
+        log = RunLog(run.path("train.log"), quiet)
+        bar = log.bar(train.epochs, "training")
+        for epoch in range(train.epochs):
+            loader.set_epoch(epoch)
+            model.train()
+            stats = run_epoch(loader, step, loader.num_images, epoch, current_lr(optimizer))
+            log.info(f"epoch {epoch} \t lr {stats.lr:.4f} \t loss {stats.loss:.4f} \t acc {stats.acc:.4f}")
+            bar.update(1)
+        bar.close()
+        metrics = evaluate(model, tests, data.eval_batch_size)
+        log.info(f"clean {metrics.clean_acc_full:.4f}, ASR {metrics.asr:.4f}")
+        log.close()
+        state = model.state_dict()
+        save_safetensors(state, run.path("model.safetensors"), {"arch": model_cfg.arch, "width": str(model_cfg.width)})
+        save_reference_checkpoint(state, run.path("model.pth"), epoch=train.epochs, arch=model_cfg.arch)
+        summary = {
+            "clean_acc": metrics.clean_acc_full,
+            "clean_acc_non_target": metrics.clean_acc,
+            "asr": metrics.asr,
+            "poisoned_images": int(plan.poisoned.sum()),
+            "seconds": time.perf_counter() - started,
+            "images_per_second": train.epochs * loader.num_images / (time.perf_counter() - started),
+            "device": describe_device(device),
+            "rnp_fast": __version__,
+            "torch": torch.__version__,
+            **to_dict(model_cfg, data, attack, train),
+        }
+        run.write_json("summary.json", summary)
+    return summary

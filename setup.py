@@ -1,0 +1,33 @@
+"""Install rnp_fast; ``kernels/`` and ``loaders/`` install as ``rnp_fast.kernels`` / ``rnp_fast.loaders``."""
+
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["rnp_fast", "rnp_fast.*"])
+
+setup(
+    name="rnp_fast",
+    version="0.1.0",
+    description="Fast, faithful Reconstructive Neuron Pruning (RNP) backdoor defense",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages + ["rnp_fast.kernels", "rnp_fast.loaders"],
+    package_dir={"rnp_fast.kernels": "kernels", "rnp_fast.loaders": "loaders"},
+    package_data={"rnp_fast": ["assets/*.safetensors", "assets/*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "scikit-learn>=1.2",
+        "safetensors>=0.4",
+        "matplotlib>=3.6",
+        "tqdm>=4.60",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.5"],
+        "triton": ["triton>=3.0"],
+        "ffcv": ["ffcv>=1.0.2"],
+        "ray": ["ray[default]>=2.9"],
+    },
+    entry_points={"console_scripts": ["rnp-fast=rnp_fast.cli:main"]},
+)
