@@ -1,0 +1,108 @@
+"""End-to-end defense on the digits set with a tiny model: outputs, reuse paths, and parity
+between the fast path and the reference mode."""
+
+import json
+
+import pytest
+import torch
+from tests_support import TINY_WIDTH
+
+from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
+from rnp_fast.defend import DefendJob, run_defense
+from rnp_fast.report import read_mask_file
+
+SHORT = dict(unlearning_epochs=2, recovering_epochs=3, clean_threshold=0.0, pruning_step=0.15)  # no early stop
+
+
+def job(model, out, mode="fast", **overrides) -> DefendJob:
+    rnp = {**SHORT, **overrides.pop("rnp", {})}
+    return DefendJob(
+        model_path=str(model),
+        out=str(out),
+        model=ModelConfig(width=TINY_WIDTH),
+        data=DataConfig(dataset="digits", ratio=0.1, batch_size=32, eval_batch_size=256),
+        attack=AttackConfig(),
+        rnp=RNPConfig(**rnp),
+        engine=EngineConfig(device="cpu", mode=mode, quiet=True),
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def fast_run(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "fast"
+    return out, run_defense(job(tiny_checkpoint, out))
+
+
+def test_run_directory_has_every_output(fast_run):
+    out, summary = fast_run
+    names = {p.name for p in out.iterdir()}
+    assert names >= {
+        "mask_values.txt",
+        "pruning_by_threshold.txt",
+        "pruning.csv",
+        "pruning.png",
+        "summary.json",
+        "config.json",
+        "output.log",
+        "purified.safetensors",
+        "purified.pth",
+    }
+    stored = json.loads((out / "summary.json").read_text())
+    for key in ("clean_acc_before", "asr_before", "clean_acc_after", "asr_after", "threshold", "pruned", "seconds"):
+        assert key in stored
+    assert stored["unlearning_reached_threshold"] is False  # clean_threshold 0 is never reached
+    assert len(read_mask_file(out / "mask_values.txt")) == 600  # width 0.125: 4,800 / 8 channels
+    table = (out / "pruning_by_threshold.txt").read_text().splitlines()
+    assert table[0].startswith("No \t Layer Name") and len(table) == 1 + 7  # thresholds 0, 0.15, ..., 0.9
+    config = json.loads((out / "config.json").read_text())
+    assert config["versions"]["torch"] == torch.__version__ and config["RNPConfig"]["alpha"] == 0.2
+    assert "Model Unlearning" in (out / "output.log").read_text()
+
+
+def test_purified_model_has_the_chosen_channels_zeroed(fast_run):
+    from safetensors.torch import load_file
+
+    out, summary = fast_run
+    state = load_file(str(out / "purified.safetensors"))
+    zero = sum(int((state[k] == 0).sum()) for k in state if k.endswith(".weight") and state[k].dim() == 1)
+    assert zero >= summary["pruned"]
+
+
+def test_fast_and_reference_modes_agree(fast_run, tiny_checkpoint, tmp_path):
+    """Same seeded order and augmentation: same stop epoch, masks within 1e-4, identical tables."""
+    fast_out, fast_summary = fast_run
+    ref_summary = run_defense(job(tiny_checkpoint, tmp_path / "ref", mode="reference"))
+    assert ref_summary["unlearning_stop_epoch"] == fast_summary["unlearning_stop_epoch"]
+    fast_masks = read_mask_file(fast_out / "mask_values.txt")
+    ref_masks = read_mask_file(tmp_path / "ref" / "mask_values.txt")
+    assert [(c.layer, c.index) for c in fast_masks] == [(c.layer, c.index) for c in ref_masks]
+    assert max(abs(a.value - b.value) for a, b in zip(fast_masks, ref_masks, strict=True)) <= 1e-4
+    assert (fast_out / "pruning_by_threshold.txt").read_text() == (
+        tmp_path / "ref" / "pruning_by_threshold.txt"
+    ).read_text()
+    assert "PoisonACC" in (tmp_path / "ref" / "output.log").read_text()
+
+
+def test_mask_file_skips_learning_and_reproduces_the_table(fast_run, tiny_checkpoint, tmp_path):
+    fast_out, _ = fast_run
+    summary = run_defense(job(tiny_checkpoint, tmp_path / "reuse", mask_file=str(fast_out / "mask_values.txt")))
+    assert summary["unlearning_stop_epoch"] is None and "unlearn" not in summary["timings"]
+    assert (tmp_path / "reuse" / "mask_values.txt").read_text() == (fast_out / "mask_values.txt").read_text()
+
+
+def test_unlearned_model_skips_unlearning(tiny_checkpoint, tmp_path):
+    summary = run_defense(job(tiny_checkpoint, tmp_path / "u", unlearned_model=str(tiny_checkpoint)))
+    assert "unlearn" not in summary["timings"] and "recover" in summary["timings"]
+
+
+def test_fixed_threshold_overrides_the_rule(tiny_checkpoint, tmp_path):
+    summary = run_defense(job(tiny_checkpoint, tmp_path / "t", rnp={"threshold": 0.5, "recovering_epochs": 1}))
+    assert summary["threshold"] == 0.5 and summary["rule"].startswith("fixed")
+
+
+def test_pruning_by_number(tiny_checkpoint, tmp_path):
+    out = tmp_path / "n"
+    run_defense(job(tiny_checkpoint, out, rnp={"pruning_by": "number", "pruning_max": 40, "pruning_step": 10}))
+    rows = (out / "pruning_by_number.txt").read_text().splitlines()[1:]
+    assert [row.split("\t")[0].strip() for row in rows] == ["10", "20", "30", "40"]
