@@ -23,7 +23,9 @@ class RunLog:
             tqdm.write(line, file=sys.stderr)
 
     def bar(self, total: int, description: str) -> tqdm:
-        return tqdm(total=total, desc=description, disable=self.quiet, leave=False, file=sys.stderr, unit="epoch")
+        # Bars only on a terminal: in logs and CI the timestamped epoch lines say the same.
+        disable = self.quiet or not sys.stderr.isatty()
+        return tqdm(total=total, desc=description, disable=disable, leave=False, file=sys.stderr, unit="epoch")
 
     def close(self) -> None:
         if self.handle:
