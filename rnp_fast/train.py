@@ -34,7 +34,7 @@ class TrainConfig:
     lr: float = doc("peak SGD learning rate", default=0.1)
     momentum: float = doc("SGD momentum", default=0.9)
     weight_decay: float = doc("SGD weight decay", default=5e-4)
-    lr_schedule: str = doc("onecycle, cosine or multistep (x0.1 at 50% and 75% of training)", default="onecycle")
+    lr_schedule: str = doc("onecycle, cosine or multistep (x0.1 at 1/2 and 3/4 of training)", default="onecycle")
 
     def __post_init__(self):
         require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")

@@ -107,3 +107,11 @@ def test_argparse_errors_are_one_line(capsys):
         main(["defend", "--model", "x"])
     assert exit_info.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["defend", "train-backdoor", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--out" in capsys.readouterr().out
