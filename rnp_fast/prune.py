@@ -53,12 +53,14 @@ def thresholds(maximum: float, step: float) -> list[float]:
 
 
 def threshold_schedule(ranked: list[Channel], maximum: float, step: float) -> list[PruneStep]:
+    return threshold_steps(ranked, thresholds(maximum, step))
+
+
+def threshold_steps(ranked: list[Channel], levels: list[float]) -> list[PruneStep]:
+    """One step per threshold t, pruning every channel whose mask value is <= t."""
     values = torch.tensor([channel.value for channel in ranked], dtype=torch.float64)
-    steps = []
-    for threshold in thresholds(maximum, step):
-        count = int(torch.searchsorted(values, threshold, right=True))  # channels with value <= t
-        steps.append(make_step(ranked, threshold, count))
-    return steps
+    counts = torch.searchsorted(values, torch.tensor(levels, dtype=torch.float64), right=True).tolist()
+    return [make_step(ranked, level, count) for level, count in zip(levels, counts, strict=True)]
 
 
 def make_step(ranked: list[Channel], label: float, count: int) -> PruneStep:
@@ -78,9 +80,7 @@ def schedule(ranked: list[Channel], by: str, maximum: float, step: float) -> lis
 
 
 def single_threshold_step(ranked: list[Channel], threshold: float) -> PruneStep:
-    values = torch.tensor([channel.value for channel in ranked], dtype=torch.float64)
-    count = int(torch.searchsorted(values, threshold, right=True))
-    return make_step(ranked, threshold, count)
+    return threshold_steps(ranked, [threshold])[0]
 
 
 @torch.no_grad()
