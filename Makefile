@@ -3,13 +3,20 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint format
+.PHONY: install install-ffcv test test-all lint format
 
 install:  ## torch first where it is missing (CPU build here), then the package with dev tools
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e ".[dev,triton]"
 
-test:  ## the whole suite (no GPU needed; GPU-only tests skip)
+install-ffcv:  ## the optional FFCV extra: ffcv 1.0.2 compiles against these Debian packages (run as root)
+	apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev
+	$(PIP) install -e ".[ffcv]"
+
+test:  ## the suite CI runs (no GPU needed; GPU-only tests skip; slow ones deselected)
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+test-all:  ## everything, slow tests included (torch.compile on CPU, Ray, long sweeps)
 	$(PYTHON) -m pytest -q tests
 
 lint:

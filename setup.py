@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=packages + ["rnp_fast.kernels", "rnp_fast.loaders"],
     package_dir={"rnp_fast.kernels": "kernels", "rnp_fast.loaders": "loaders"},
-    package_data={"rnp_fast": ["assets/*.safetensors", "assets/*.json"]},
+    package_data={"rnp_fast": ["assets/*.safetensors", "assets/*.json"], "rnp_fast.kernels": ["*.json"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
@@ -21,6 +21,7 @@ setup(
         "safetensors>=0.4",
         "matplotlib>=3.6",
         "tqdm>=4.60",
+        "pillow>=9.1",  # decodes the directory datasets and PNG triggers
         "pyyaml>=6.0",
     ],
     extras_require={

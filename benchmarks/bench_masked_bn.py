@@ -228,7 +228,35 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--passes", nargs="+", default=PASSES, choices=PASSES)
     p.add_argument("--reps", type=int, default=100, help="timed repetitions per case (median reported)")
     p.add_argument("--relu", action="store_true", help="fuse a ReLU after the BatchNorm")
+    p.add_argument(
+        "--write-auto-table",
+        action="store_true",
+        help="also write kernels/auto_table.json: the shapes where Triton beats both baselines (--bn-kernel auto)",
+    )
     return p.parse_args(argv)
+
+
+def auto_table(results: list[dict], env: dict) -> dict:
+    """Per BatchNorm shape, the provider with the lowest forward+backward median at the largest batch
+    measured; `--bn-kernel auto` uses the kernel only where this says triton."""
+    both = [r for r in results if r["pass"] == "both"]
+    batch = max(r["batch"] for r in both)
+    best: dict[tuple[int, int, int], dict] = {}
+    for r in (r for r in both if r["batch"] == batch):
+        key = (r["C"], r["H"], r["W"])
+        if key not in best or r["median_ms"] < best[key]["median_ms"]:
+            best[key] = r
+    winners = [
+        {
+            "channels": c,
+            "height": h,
+            "width": w,
+            "dtype": "bfloat16",
+            "provider": "triton" if r["provider"] == "triton" else "torch",
+        }
+        for (c, h, w), r in sorted(best.items())
+    ]
+    return {"measured_on": env["device"], "date": env["date"], "batch": batch, "winners": winners}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+    if args.write_auto_table and "both" in args.passes:
+        table = Path(__file__).resolve().parents[1] / "kernels" / "auto_table.json"
+        table.write_text(json.dumps(auto_table(results, env), indent=2) + "\n")
+        print(f"wrote {table}")
     return 0
 
 

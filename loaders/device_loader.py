@@ -34,6 +34,7 @@ class DeviceLoader:
         seed: int = 0,
         poison: PoisonPlan | None = None,
         channels_last: bool = False,
+        yield_indices: bool = False,
     ):
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
@@ -44,6 +45,7 @@ class DeviceLoader:
         self.shuffle, self.augment, self.seed = shuffle, augment, seed
         self.poison = poison.to(device) if poison is not None else None
         self.channels_last = channels_last
+        self.yield_indices = yield_indices  # also yield each batch's dataset indices (int64 [B])
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -58,27 +60,44 @@ class DeviceLoader:
         self.epoch = epoch
 
     def epoch_order(self) -> torch.Tensor:
-        count = len(self.labels)
-        if not self.shuffle:
-            return torch.arange(count)
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, ORDER_STREAM, self.epoch))
-        return torch.randperm(count, generator=generator)
+        return epoch_order(len(self.labels), self.shuffle, self.seed, self.epoch)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         order = self.epoch_order().to(self.device)
         params = draw_params(len(self.labels), mix_seed(self.seed, AUGMENT_STREAM), self.epoch)
         offsets, flips = params.offsets.to(self.device), params.flips.to(self.device)
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
-            yield self.batch(indices, offsets[indices], flips[indices])
+            images, labels = self.batch(indices, offsets[indices], flips[indices])
+            yield (images, labels, indices) if self.yield_indices else (images, labels)
 
     def batch(self, indices: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor):
         images, labels = self.images[indices], self.labels[indices]
         if self.poison is not None:
-            images, labels = self.poison.apply(images, labels, indices)
-        if self.augment:
-            images = crop_flip_batch(images, offsets, flips)
-        images = normalise(images, self.mean, self.std)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            labels = self.poison.apply_labels(labels, indices)
+        images = image_transform(images, indices, offsets, flips, self)
         return images, labels
+
+
+def epoch_order(count: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
+    """int64 [count]: the dataset indices of one epoch, in order (a CPU generator: any device agrees)."""
+    if not shuffle:
+        return torch.arange(count)
+    generator = torch.Generator().manual_seed(mix_seed(seed, ORDER_STREAM, epoch))
+    return torch.randperm(count, generator=generator)
+
+
+def image_transform(images: torch.Tensor, indices: torch.Tensor, offsets, flips, options) -> torch.Tensor:
+    """The on-device image path every fast loader shares: poison, crop and flip, normalise.
+
+    images: uint8 [B, C, H, W] of dataset ``indices``; offsets/flips: that batch's augmentation
+    parameters; ``options`` carries ``poison``, ``augment``, ``mean``, ``std``, ``channels_last``.
+    """
+    if options.poison is not None:
+        images = options.poison.apply_images(images, indices)
+    if options.augment:
+        images = crop_flip_batch(images, offsets, flips)
+    images = normalise(images, options.mean, options.std)
+    if options.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images

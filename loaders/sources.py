@@ -49,16 +49,61 @@ class DataSource:
         return tuple(self.train.images.shape[1:])
 
 
-def load_source(name: str, data_dir: str | None = None, download: bool = False) -> DataSource:
-    """Load a dataset by name: ``digits`` (embedded) or ``cifar10`` (from ``data_dir``)."""
+def load_source(
+    name: str, data_dir: str | None = None, download: bool = False, image_size: int | None = None
+) -> DataSource:
+    """Load a dataset by name (see ``DATASETS``); ``image_size`` resizes the directory datasets.
+
+    ``digits`` is embedded; the others are read from ``data_dir``. The pickle datasets are 32x32 by
+    construction, so ``image_size`` may only restate that; the directory datasets (GTSRB,
+    Tiny-ImageNet, ImageFolder) are decoded and resized to it (default: ``NATIVE_SIZE``).
+    """
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if name in FIXED_SIZE and image_size not in (None, 32):
+        raise UserError(
+            f"--image-size {image_size}: {name} images are 32x32 (resizing is for {', '.join(NATIVE_SIZE)})"
+        )
     if name == "digits":
         return digits_source()
     if name == "cifar10":
         return cifar10_source(data_dir, download)
-    raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if name == "synthetic-cifar10":
+        from rnp_fast.loaders.synthetic import synthetic_cifar10_source
+
+        return synthetic_cifar10_source()
+    if name == "cifar100":
+        from rnp_fast.loaders.cifar100 import cifar100_source
+
+        return cifar100_source(data_dir)
+    size = image_size or NATIVE_SIZE[name]
+    if name == "gtsrb":
+        from rnp_fast.loaders.gtsrb import gtsrb_source
+
+        return gtsrb_source(data_dir, size)
+    if name == "tiny-imagenet":
+        from rnp_fast.loaders.tiny_imagenet import tiny_imagenet_source
+
+        return tiny_imagenet_source(data_dir, size)
+    from rnp_fast.loaders.image_folder import image_folder_source
+
+    return image_folder_source(data_dir, size)
 
 
-DATASETS = ("digits", "cifar10")
+FIXED_SIZE = ("digits", "cifar10", "cifar100", "synthetic-cifar10")
+# Directory datasets and the size their images are decoded to without --image-size.
+NATIVE_SIZE = {"gtsrb": 32, "tiny-imagenet": 64, "imagefolder": 32}
+DATASETS = (*FIXED_SIZE, *NATIVE_SIZE)
+
+
+def dataset_root(data_dir: str | None, dataset: str, layout: str) -> Path:
+    """``data_dir`` as an existing directory, or a one-line UserError saying what was expected."""
+    if not data_dir:
+        raise UserError(f"--dataset {dataset} needs --data-dir pointing at {layout}")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise UserError(f"--data-dir {data_dir!r} is not a directory (expected {layout})")
+    return root
 
 
 def digits_source(test_fraction: float = 1 / 3) -> DataSource:
@@ -121,23 +166,28 @@ def cifar10_source(data_dir: str | None, download: bool = False) -> DataSource:
     return DataSource("cifar10", train, test, 10, CIFAR10_MEAN, CIFAR10_STD)
 
 
-def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """One CIFAR pickle batch: rows of 3,072 bytes (1,024 red, then green, then blue)."""
+def read_cifar_batch(
+    path: Path, num_classes: int = 10, label_key: bytes = b"labels", name: str = "CIFAR-10"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR pickle batch: rows of 3,072 bytes (1,024 red, then green, then blue).
+
+    CIFAR-10 stores its labels under ``b"labels"``, CIFAR-100 under ``b"fine_labels"``.
+    """
     if not path.is_file():
-        raise UserError(f"CIFAR-10 file missing: {path}")
+        raise UserError(f"{name} file missing: {path}")
     try:
         with open(path, "rb") as handle:
             # These files are plain pickles of dicts of arrays (the dataset's official format).
             # Restrict unpickling to numpy arrays and builtins so a tampered file cannot run code.
             batch = RestrictedUnpickler(handle, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch.get(b"labels", batch.get(b"fine_labels")), dtype=np.int64)
+        labels = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
     except Exception as error:  # any malformed content is the user's file, reported in one line
-        raise UserError(f"cannot read CIFAR-10 batch {path}: {error}") from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise UserError(f"malformed CIFAR-10 batch {path}: data shape {data.shape}, {len(labels)} labels")
-    if labels.min() < 0 or labels.max() >= 10:
-        raise UserError(f"malformed CIFAR-10 batch {path}: labels outside 0..9")
+        raise UserError(f"cannot read {name} batch {path}: {type(error).__name__}: {error}") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data) or not len(labels):
+        raise UserError(f"malformed {name} batch {path}: data shape {data.shape}, {len(labels)} labels")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"malformed {name} batch {path}: labels outside 0..{num_classes - 1}")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
 

@@ -21,6 +21,8 @@ TYPE_OPTIONS = {
     "str": {"type": str},
     "str | None": {"type": str},
     "float | None": {"type": float},
+    "int | None": {"type": int},
+    "list[str]": {"type": str, "action": "append"},  # a repeatable flag
     "tuple[int, ...]": {"type": int, "nargs": "+"},
 }
 
@@ -32,7 +34,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, defaults: dict | None
             continue
         default = (defaults or {}).get(f.name, f.default if f.default is not MISSING else None)
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):  # None: decided later (e.g. by the device)
             group.add_argument(
                 f"--{flag(f.name)}",
                 dest=f.name,
@@ -87,7 +89,42 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     demo.add_argument("--mode", default="fast", choices=("fast", "reference"), help="engine mode (default: fast)")
     demo.add_argument("--quiet", action="store_true", help="no progress output")
+
+    convert = commands.add_parser("convert", help="write a dataset split to an FFCV .beton file (the ffcv extra)")
+    convert.add_argument("source", metavar="SOURCE", help="dataset name, as --dataset takes it")
+    convert.add_argument("out", metavar="OUT.beton", help="the .beton file to write")
+    convert.add_argument("--split", default="train", choices=("train", "test"), help="split to write (default: train)")
+    convert.add_argument("--data-dir", help="the dataset's directory, as for train-backdoor")
+    convert.add_argument("--image-size", type=int, help="resize the directory datasets to this side (pixels)")
+    convert.add_argument("--quiet", action="store_true", help="no progress output")
+    add_sweep_commands(commands)
+    add_bench_command(commands)
     return parser
+
+
+def add_bench_command(commands) -> None:
+    from rnp_fast.bench import BenchConfig
+
+    bench = commands.add_parser("bench", help="time the reference mode and the fast mode on identical work")
+    bench.add_argument("--out", help="also save the result as JSON here (e.g. benchmarks/results/bench_cpu.json)")
+    add_config_flags(bench, BenchConfig)
+
+
+def add_sweep_commands(commands) -> None:
+    sweep = commands.add_parser("sweep", help="run (or resume) a grid of train + defend jobs from a YAML file")
+    sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="the sweep file (see README, Sweeps)")
+    sweep.add_argument("--store", required=True, help="results directory: results.sqlite, models/, jobs/, sweep.log")
+    sweep.add_argument("--backend", default="local", choices=("local", "ray"), help="where jobs run (default: local)")
+    sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)")
+    sweep.add_argument("--gpus", type=int, help="GPUs to use, one worker each (default: all visible; 0 = CPU)")
+    sweep.add_argument("--jobs-per-gpu", type=int, default=1, help="jobs sharing one GPU, or the CPU (default: 1)")
+    sweep.add_argument("--retry-failed", action="store_true", help="run failed jobs again")
+    sweep.add_argument("--max-retries", type=int, default=3, help="Ray retries of a lost task (default: 3)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar or job lines on the terminal")
+
+    report = commands.add_parser("report", help="table (Markdown, CSV) and plots of a sweep's finished jobs")
+    report.add_argument("store", metavar="STORE", help="the sweep's --store directory")
+    report.add_argument("--out", help="directory for the report (default: STORE/report)")
 
 
 def run_defend(args) -> dict:
@@ -121,13 +158,59 @@ def run_train(args) -> dict:
     )
 
 
+def run_convert(args) -> dict:
+    from rnp_fast.convert import convert
+
+    return convert(args.source, args.out, args.split, args.data_dir, args.image_size, quiet=args.quiet)
+
+
 def run_demo(args) -> dict:
     from rnp_fast.demo import run_demo as demo
 
     return demo(args.out, args.device, args.mode, args.quiet)
 
 
-COMMANDS = {"defend": run_defend, "train-backdoor": run_train, "demo": run_demo}
+def run_sweep_command(args) -> dict:
+    from rnp_fast.sweep.runner import RunOptions, run_sweep
+
+    options = RunOptions(
+        store=args.store,
+        backend=args.backend,
+        address=args.address,
+        gpus=args.gpus,
+        jobs_per_gpu=args.jobs_per_gpu,
+        retry_failed=args.retry_failed,
+        max_retries=args.max_retries,
+        quiet=args.quiet,
+    )
+    return run_sweep(args.sweep_file, options)
+
+
+def run_report(args) -> dict:
+    from rnp_fast.sweep.report import write_report
+
+    return write_report(args.store, args.out)
+
+
+def run_bench_command(args) -> None:
+    """Prints the table (and saves the JSON with --out) instead of a summary."""
+    from rnp_fast.bench import BenchConfig, format_table, run_bench, save_result
+
+    result = run_bench(config_from_args(BenchConfig, args), progress=lambda line: print(line, file=sys.stderr))
+    print(format_table(result))
+    if args.out:
+        print(f"saved {save_result(result, args.out)}", file=sys.stderr)
+
+
+COMMANDS = {
+    "bench": run_bench_command,
+    "defend": run_defend,
+    "train-backdoor": run_train,
+    "demo": run_demo,
+    "convert": run_convert,
+    "sweep": run_sweep_command,
+    "report": run_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rnp-fast: interrupted", file=sys.stderr)
         return 130
-    print(json.dumps(summary, indent=2, default=str))
+    if summary is not None:
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 

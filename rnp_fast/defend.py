@@ -20,6 +20,7 @@ from rnp_fast.checkpoint import load_model_weights, save_reference_checkpoint, s
 from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig, to_dict
 from rnp_fast.data import defense_data, training_loader
 from rnp_fast.device import describe_device, resolve_device
+from rnp_fast.engine import EAGER, EngineSettings, resolve_engine
 from rnp_fast.errors import UserError
 from rnp_fast.evaluate import Metrics, build_test_sets, defense_effectiveness
 from rnp_fast.loaders.sources import DataSource, load_source
@@ -27,7 +28,7 @@ from rnp_fast.masked_bn import MaskedBatchNorm2d
 from rnp_fast.models import build_model
 from rnp_fast.outputs import RunDirectory
 from rnp_fast.prune import Channel, PruneStep, prune_, rank_channels, schedule, single_threshold_step
-from rnp_fast.pruning_eval import holdout_accuracies, make_evaluator, score_steps
+from rnp_fast.pruning_eval import SweepOptions, holdout_accuracies, make_evaluator, score_steps
 from rnp_fast.recover import recover
 from rnp_fast.report import (
     EPOCH_HEADER,
@@ -65,11 +66,13 @@ class Prepared:
     backdoored: nn.Module
     unlearned: nn.Module | None
     channels: list[Channel] | None
+    engine: EngineSettings = EAGER
 
 
 def prepare(job: DefendJob) -> Prepared:
     device = resolve_device(job.engine.device)
-    source = load_source(job.data.dataset, job.data.data_dir, job.data.download)
+    engine = resolve_engine(job.engine, device)
+    source = load_source(job.data.dataset, job.data.data_dir, job.data.download, job.data.image_size)
     if job.attack.target >= source.num_classes:
         raise UserError(f"--target {job.attack.target} is outside the {source.num_classes} classes of {source.name}")
     backdoored = new_model(job.model, source.num_classes)
@@ -80,7 +83,8 @@ def prepare(job: DefendJob) -> Prepared:
     channels = read_mask_file(job.mask_file) if job.mask_file else None
     if channels is not None:
         check_masks_fit(channels, backdoored, job.mask_file)
-    return Prepared(device, source, backdoored.to(device), unlearned.to(device) if unlearned else None, channels)
+    unlearned = unlearned.to(device) if unlearned else None
+    return Prepared(device, source, backdoored.to(device), unlearned, channels, engine)
 
 
 def new_model(config: ModelConfig, num_classes: int, norm_layer=nn.BatchNorm2d) -> nn.Module:
@@ -110,8 +114,10 @@ def run_defense(job: DefendJob) -> dict:
 def defend_into(run: RunDirectory, log: RunLog, job: DefendJob, prepared: Prepared, started: float) -> dict:
     device, source = prepared.device, prepared.source
     log.info(f"rnp_fast {__version__} on {describe_device(device)}, mode {job.engine.mode}")
+    log.info(f"engine: {prepared.engine.describe()}")
     log.info("----------- Data Initialization --------------")
-    trigger = build_trigger(job.attack.attack, image_size=source.image_shape[-1], channels=source.image_shape[0])
+    image_shape = {"image_size": source.image_shape[-1], "channels": source.image_shape[0]}
+    trigger = build_trigger(job.attack.attack, **image_shape, **job.attack.trigger_params())
     tests = build_test_sets(
         source.test,
         trigger,
@@ -123,15 +129,18 @@ def defend_into(run: RunDirectory, log: RunLog, job: DefendJob, prepared: Prepar
         device,
     )
     defense = defense_data(source, job.data)
-    evaluator = make_evaluator(job.engine.mode, tests, job.data.eval_batch_size)
-    timings: dict[str, float] = {}
+    engine = prepared.engine
+    evaluator = make_evaluator(job.engine.mode, tests, eval_batch(job, engine), engine.eval_channels_last)
+    timings: dict[str, float] = {"data": time.perf_counter() - started}
     log.info("----------- Backdoor Model Initialization --------------")
+    tick = time.perf_counter()
     before = evaluator(prepared.backdoored)
+    timings["model_eval"] = time.perf_counter() - tick
     log.info(
         f"before defense: clean {before.clean_acc:.4f}, ASR {before.asr:.4f} ({len(defense.train)} defense "
         f"images, {len(defense.holdout)} held out)"
     )
-    stop = {"stop_epoch": None, "reached_threshold": None}
+    stop = {"stop_epoch": None, "reached_threshold": None, "diverged_epoch": None}
     channels = prepared.channels
     if channels is None:
         channels = learn_masks(job, prepared, defense.train, evaluator, log, timings, stop)
@@ -141,14 +150,11 @@ def defend_into(run: RunDirectory, log: RunLog, job: DefendJob, prepared: Prepar
     log.info("----------- Backdoored Model Pruning --------------")
     ranked = rank_channels(channels)
     steps = schedule(ranked, job.rnp.pruning_by, job.rnp.pruning_max, job.rnp.pruning_step)
-    metrics = score_steps(prepared.backdoored, steps, evaluator, dedupe=job.engine.mode == "fast")
+    sweep = sweep_options(job, prepared.engine, log)
+    metrics = score_steps(prepared.backdoored, steps, tests, sweep)
+    holdout_images = defense.holdout or defense.train
     base_holdout, holdout = holdout_accuracies(
-        prepared.backdoored,
-        steps,
-        defense.holdout or defense.train,
-        source.mean,
-        source.std,
-        job.data.eval_batch_size,
+        prepared.backdoored, steps, holdout_images, source.mean, source.std, sweep
     )
     for step, metric in zip(steps, metrics, strict=True):
         log.info(f"{step.label:.4g} \t pruned {step.count} \t ASR {metric.asr:.4f} \t clean {metric.clean_acc:.4f}")
@@ -156,7 +162,9 @@ def defend_into(run: RunDirectory, log: RunLog, job: DefendJob, prepared: Prepar
     choice, chosen = pick(job, steps, ranked, base_holdout, holdout)
     log.info(f"threshold rule: {choice.rule}")
     purified = prune_(copy.deepcopy(prepared.backdoored), chosen.channels if chosen else [])
+    tick = time.perf_counter()
     after = evaluator(purified)
+    timings["model_eval"] += time.perf_counter() - tick
     log.info(f"after defense: clean {after.clean_acc:.4f}, ASR {after.asr:.4f}, {chosen.count if chosen else 0} pruned")
 
     table_name = f"pruning_by_{job.rnp.pruning_by}.txt"
@@ -171,6 +179,22 @@ def defend_into(run: RunDirectory, log: RunLog, job: DefendJob, prepared: Prepar
     return summary
 
 
+def sweep_options(job: DefendJob, engine: EngineSettings, log: RunLog) -> SweepOptions:
+    return SweepOptions(
+        mode=job.engine.mode,
+        sweep_mode=job.engine.sweep_mode,
+        batch_size=eval_batch(job, engine),
+        chunk_size=job.engine.sweep_chunk,
+        amp=engine.amp,
+        channels_last=engine.eval_channels_last,
+        warn=log.info,
+    )
+
+
+def eval_batch(job: DefendJob, engine: EngineSettings) -> int:
+    return min(engine.eval_rows or job.data.eval_batch_size, job.data.eval_batch_size)
+
+
 def learn_masks(job, prepared, train_data, evaluator, log, timings, stop) -> list[Channel]:
     """Unlearning (unless an unlearned model was given) then recovering; returns mask values."""
     eval_every = job.engine.eval_every if job.engine.eval_every or job.engine.mode == "fast" else 1
@@ -182,24 +206,32 @@ def learn_masks(job, prepared, train_data, evaluator, log, timings, stop) -> lis
         log.info(EPOCH_HEADER)
         log.info("----------- Model Unlearning --------------")
         bar = log.bar(job.rnp.unlearning_epochs + 1, "unlearning")
-        result = unlearn(prepared.backdoored, loader, job.rnp, reporter.callback(bar))
+        result = unlearn(prepared.backdoored, loader, job.rnp, reporter.callback(bar), prepared.engine)
         bar.close()
         unlearned = result.model
         stop.update(stop_epoch=result.stop_epoch, reached_threshold=result.reached_threshold)
-        if not result.reached_threshold:
+        stop["diverged_epoch"] = result.diverged_epoch
+        if result.diverged_epoch is not None:
+            log.info(
+                f"WARNING: unlearning diverged in epoch {result.diverged_epoch} (non-finite loss or weights); "
+                f"continuing with the state after epoch {result.stop_epoch}. Lower --unlearning-lr."
+            )
+        elif not result.reached_threshold:
             log.info(
                 f"WARNING: training accuracy never reached --clean-threshold {job.rnp.clean_threshold} in "
                 f"{job.rnp.unlearning_epochs + 1} epochs; continuing with the last unlearned state"
             )
-        timings["unlearn"] = time.perf_counter() - tick
+        timings["unlearn"] = time.perf_counter() - tick - reporter.take_seconds()
     tick = time.perf_counter()
     log.info("----------- Model Recovering --------------")
     log.info(EPOCH_HEADER)
     masked = new_model(job.model, prepared.source.num_classes, MaskedBatchNorm2d).to(prepared.device)
     bar = log.bar(job.rnp.recovering_epochs, "recovering")
-    result = recover(masked, unlearned, loader, job.rnp, reporter.callback(bar))
+    result = recover(masked, unlearned, loader, job.rnp, reporter.callback(bar), prepared.engine)
     bar.close()
-    timings["recover"] = time.perf_counter() - tick
+    timings["recover"] = time.perf_counter() - tick - reporter.take_seconds()
+    timings["epoch_eval"] = reporter.total_seconds
+    timings["batches"] = reporter.data_seconds  # part of unlearn and recover
     bad = [c for c in result.channels if not torch.isfinite(torch.tensor(c.value))]
     if bad:
         raise UserError(
@@ -213,11 +245,26 @@ class EpochReporter:
 
     def __init__(self, log: RunLog, evaluator, eval_every: int):
         self.log, self.evaluator, self.eval_every = log, evaluator, eval_every
+        self.pending_seconds = self.total_seconds = 0.0  # evaluation time, kept apart from training's
+        self.data_seconds = 0.0  # time the training loops waited for batches
+
+    def take_seconds(self) -> float:
+        seconds, self.pending_seconds = self.pending_seconds, 0.0
+        return seconds
+
+    def evaluate(self, model):
+        tick = time.perf_counter()
+        metrics = self.evaluator(model)
+        seconds = time.perf_counter() - tick
+        self.pending_seconds += seconds
+        self.total_seconds += seconds
+        return metrics
 
     def callback(self, bar):
         def on_epoch(model, stats):
             due = self.eval_every and stats.epoch % self.eval_every == 0
-            metrics = self.evaluator(model) if due else None
+            metrics = self.evaluate(model) if due else None
+            self.data_seconds += stats.data_seconds
             self.log.info(epoch_row(stats.epoch, stats.lr, stats.seconds, stats.loss, stats.acc, metrics))
             bar.update(1)
 
@@ -261,6 +308,7 @@ def make_summary(job, before: Metrics, after: Metrics, chosen, choice, stop, tim
         "rule": choice.rule,
         "unlearning_stop_epoch": stop["stop_epoch"],
         "unlearning_reached_threshold": stop["reached_threshold"],
+        "unlearning_diverged_epoch": stop["diverged_epoch"],
         "seconds": timings["total"],
         "timings": timings,
         "mode": job.engine.mode,

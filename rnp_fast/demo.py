@@ -2,12 +2,21 @@
 
 The bundled checkpoint was made by the project's own trainer (see the README, "Demo"):
 
-    rnp-fast train-backdoor --out demo-model --dataset digits --width 0.25 --epochs 30 \\
-        --batch-size 32 --lr 0.05 --no-augment --device cpu
+    rnp-fast train-backdoor --out demo-model --dataset digits --width 0.25 --epochs 60 \\
+        --batch-size 32 --lr 0.05 --device cpu
 
-(BadNets grid trigger, all2one, target 0, 10% poisoning, seeds 0; clean accuracy 0.988, ASR 1.0).
-The digits set is small (1,198 training images), so the demo uses 30% of it as defense data and
-the hyperparameters below; everything else is the reference's default.
+(BadNets grid trigger, all2one, target 0, 10% poisoning, seeds 0, random crop and flip; clean
+accuracy 0.987, ASR 1.0).
+
+The digits set is small (1,198 training images), so the demo defends with 30% of it (359 images),
+holds 30% of those out for the threshold rule (108 images; with the reference's 10% one image is
+worth more than the rule's 2% tolerance), and uses a batch of 32 with gentler learning rates: with
+only 251 training images, the reference's batch of 128 gives two steps per epoch and unlearning
+collapses the model within one epoch. Everything else is the reference's default.
+
+A caveat the README repeats: on a model this small RNP is sensitive to which images form the
+defense set. With seed 0 (the demo) the rule removes the backdoor at a small clean cost; other
+seeds can leave it in place or cost much more accuracy.
 """
 
 from __future__ import annotations
@@ -19,8 +28,8 @@ from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig,
 CHECKPOINT = "demo_badnets_digits_resnet18w025.safetensors"
 
 DEMO_MODEL = ModelConfig(arch="resnet18", width=0.25)
-DEMO_DATA = dict(dataset="digits", ratio=0.3, batch_size=128)
-DEMO_RNP = dict(unlearning_lr=0.005)
+DEMO_DATA = dict(dataset="digits", ratio=0.3, holdout=0.3, batch_size=32)
+DEMO_RNP = dict(unlearning_lr=0.002, recovering_lr=0.05)
 
 
 def demo_checkpoint() -> str:

@@ -70,19 +70,24 @@ class Outputs:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int) -> torch.Tensor:
+def predict(
+    model: nn.Module, images: torch.Tensor, mean, std, batch_size: int, channels_last: bool = False
+) -> torch.Tensor:
     """float32 logits [N, K] of ``model`` in eval mode over uint8 ``images``."""
     model.eval()
-    chunks = [
-        model(normalise(images[i : i + batch_size], mean, std)).float() for i in range(0, len(images), batch_size)
-    ]
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        x = normalise(images[start : start + batch_size], mean, std)
+        if channels_last:  # the convolutions follow the input's layout
+            x = x.contiguous(memory_format=torch.channels_last)
+        chunks.append(model(x).float())
     return torch.cat(chunks)
 
 
-def model_outputs(model: nn.Module, data: TestSets, batch_size: int) -> Outputs:
+def model_outputs(model: nn.Module, data: TestSets, batch_size: int, channels_last: bool = False) -> Outputs:
     return Outputs(
-        predict(model, data.clean.images, data.mean, data.std, batch_size),
-        predict(model, data.poisoned.images, data.mean, data.std, batch_size),
+        predict(model, data.clean.images, data.mean, data.std, batch_size, channels_last),
+        predict(model, data.poisoned.images, data.mean, data.std, batch_size, channels_last),
     )
 
 

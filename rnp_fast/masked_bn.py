@@ -4,6 +4,11 @@
 
 It subclasses ``nn.BatchNorm2d`` so state dicts keep BatchNorm's layout plus ``neuron_mask``, and
 eval mode uses running statistics exactly as BatchNorm does.
+
+On CUDA the forward (and its backward) can run on the fused Triton kernel (`rnp_fast.kernels`):
+``kernel`` is "torch" (plain PyTorch, the default and the only choice elsewhere), "triton", or
+"auto" (the kernel only at the shapes where the measured table in `kernels.auto_table` says it
+wins; PyTorch everywhere else, including every shape not measured).
 """
 
 from __future__ import annotations
@@ -19,8 +24,34 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, **kwargs):
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
         self.neuron_mask = nn.Parameter(torch.ones(num_features))
+        self.kernel = "torch"
+
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        if self.kernel == "torch" or not x.is_cuda or self.momentum is None or not self.track_running_stats:
+            return False
+        if self.kernel == "triton":
+            return True
+        from rnp_fast.kernels.auto_table import triton_wins
+
+        return triton_wins(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_triton(x):
+            from rnp_fast.kernels import masked_batch_norm
+
+            if self.training:
+                self.num_batches_tracked.add_(1)
+            return masked_batch_norm(
+                x,
+                self.weight,
+                self.bias,
+                self.neuron_mask,
+                self.running_mean,
+                self.running_var,
+                self.training,
+                self.momentum,
+                self.eps,
+            )
         use_batch_stats = self.training or not self.track_running_stats
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -34,6 +65,14 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
             self.momentum,
             self.eps,
         )
+
+
+def set_bn_kernel(model: nn.Module, kernel: str) -> None:
+    """torch, triton or auto for every masked BatchNorm of ``model`` (see the module docstring)."""
+    if kernel not in ("torch", "triton", "auto"):
+        raise ValueError(f"BatchNorm kernel must be torch, triton or auto, got {kernel!r}")
+    for _, layer in masked_batchnorm_layers(model):
+        layer.kernel = kernel
 
 
 def masked_batchnorm_layers(model: nn.Module) -> list[tuple[str, MaskedBatchNorm2d]]:

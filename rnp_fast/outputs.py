@@ -2,11 +2,14 @@
 
 Everything goes into a hidden staging directory beside the target; only when the run has finished
 is it renamed into place (replacing an older result). An interrupted or failed run therefore
-leaves either the complete previous result or nothing, never a half-written directory.
+leaves either the complete previous result or nothing, never a half-written directory. What a
+killed run leaves beside the target (its hidden staging directory, or the previous result moved
+aside mid-swap) is cleaned up, or put back, by the next run into the same target.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -26,7 +29,8 @@ class RunDirectory:
 
     def __enter__(self) -> RunDirectory:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        clean_up_after_killed_runs(self.target)
+        self.staging = Path(tempfile.mkdtemp(prefix=self.prefix("partial"), dir=self.target.parent))
         self.staging.chmod(0o755)  # mkdtemp makes it private; a results directory is not
         return self
 
@@ -35,6 +39,10 @@ class RunDirectory:
             self.commit()
         else:
             shutil.rmtree(self.staging, ignore_errors=True)
+
+    def prefix(self, kind: str) -> str:
+        """Hidden sibling names carry the writer's pid, so a later run can tell a killed one's leftovers."""
+        return f".{self.target.name}.{kind}-{os.getpid()}-"
 
     def path(self, name: str) -> Path:
         return self.staging / name
@@ -51,11 +59,35 @@ class RunDirectory:
         """Swap the staging directory into place; the old result is removed only afterwards."""
         old = None
         if self.target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
+            old = Path(tempfile.mkdtemp(prefix=self.prefix("old"), dir=self.target.parent))
             os.replace(self.target, old / "previous")
         os.replace(self.staging, self.target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_up_after_killed_runs(target: Path) -> None:
+    """Remove what a killed run left beside ``target``: its staging directory, and, if it was killed
+    in the middle of swapping in its result, put the previous result back first."""
+    for leftover in sorted(target.parent.glob(f".{glob.escape(target.name)}.*-*-*")):
+        kind, _, rest = leftover.name[len(target.name) + 2 :].partition("-")
+        pid = rest.partition("-")[0]
+        if kind not in ("partial", "old") or not pid.isdigit() or process_alive(int(pid)):
+            continue
+        previous = leftover / "previous"
+        if kind == "old" and previous.is_dir() and not target.exists():
+            os.replace(previous, target)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_output_path(target: Path) -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnp_fast.config import RNPConfig
+from rnp_fast.engine import EAGER, EngineSettings, compiled, prepare_model, sgd, to_layout
 from rnp_fast.loops import EpochStats, current_lr, run_epoch
 from rnp_fast.masked_bn import clamp_masks_, masked_batchnorm_layers
 from rnp_fast.prune import Channel
@@ -39,10 +40,14 @@ def prepare_masked_model(masked: nn.Module, unlearned: nn.Module) -> list[nn.Par
     return masks
 
 
-def recover_step(model: nn.Module, optimizer: torch.optim.Optimizer, alpha: float):
+def recover_step(model: nn.Module, optimizer: torch.optim.Optimizer, alpha: float, engine: EngineSettings = EAGER):
+    forward = compiled(model, engine)
+    device = next(model.parameters()).device
+
     def step(images: torch.Tensor, labels: torch.Tensor):
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
+        with engine.autocast(device):
+            logits = forward(to_layout(images, engine))
+            loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         (alpha * loss).backward()
         optimizer.step()
@@ -58,11 +63,13 @@ def recover(
     loader,
     config: RNPConfig,
     on_epoch: Callable[[nn.Module, EpochStats], None] | None = None,
+    engine: EngineSettings = EAGER,
 ) -> RecoverResult:
     """Train the masks of ``masked`` (epochs 1..recovering_epochs) starting from ``unlearned``."""
     masks = prepare_masked_model(masked, unlearned)
-    optimizer = torch.optim.SGD(masks, lr=config.recovering_lr, momentum=config.momentum)
-    step = recover_step(masked, optimizer, config.alpha)
+    prepare_model(masked, engine)
+    optimizer = sgd(masks, masks[0].device, lr=config.recovering_lr, momentum=config.momentum)
+    step = recover_step(masked, optimizer, config.alpha, engine)
     history: list[EpochStats] = []
     for epoch in range(1, config.recovering_epochs + 1):
         loader.set_epoch(epoch)

@@ -4,11 +4,16 @@ All parameters are trained to maximise cross-entropy (minimise -CE) with SGD; th
 train mode. After each epoch, if training accuracy <= ``clean_threshold`` the stage stops and this
 state is the unlearned model. If it never gets there, the last state is kept and the result says so
 (the reference has no model to continue with in that case).
+
+Gradient ascent can diverge (a large learning rate sends the loss or the weights to inf/NaN). The
+loop checks once per epoch; a diverged epoch is undone and unlearning stops with the last finite
+state (the run says so), or, if the very first epoch diverged, the run stops with a clear error.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnp_fast.config import RNPConfig
+from rnp_fast.engine import EAGER, EngineSettings, compiled, prepare_model, sgd, to_layout
+from rnp_fast.errors import UserError
 from rnp_fast.loops import EpochStats, current_lr, run_epoch
 
 
@@ -26,12 +33,17 @@ class UnlearnResult:
     stop_epoch: int  # the last epoch run
     reached_threshold: bool
     history: list[EpochStats] = field(default_factory=list)
+    diverged_epoch: int | None = None  # the epoch whose loss or weights went non-finite (then undone)
 
 
-def unlearn_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float):
+def unlearn_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, engine: EngineSettings = EAGER):
+    forward = compiled(model, engine)
+    device = next(model.parameters()).device
+
     def step(images: torch.Tensor, labels: torch.Tensor):
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
+        with engine.autocast(device):
+            logits = forward(to_layout(images, engine))
+            loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         (-loss).backward()  # ascent: minimise the negative loss
         if grad_clip > 0:  # off by default: the reference clips before backward, a no-op
@@ -47,26 +59,48 @@ def unlearn(
     loader,
     config: RNPConfig,
     on_epoch: Callable[[nn.Module, EpochStats], None] | None = None,
+    engine: EngineSettings = EAGER,
 ) -> UnlearnResult:
     """Unlearn a copy of ``backdoored`` over ``loader`` (epochs 0..unlearning_epochs)."""
-    model = copy.deepcopy(backdoored).train()
-    optimizer = torch.optim.SGD(
+    model = prepare_model(copy.deepcopy(backdoored).train(), engine)
+    optimizer = sgd(
         model.parameters(),
+        next(model.parameters()).device,
         lr=config.unlearning_lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.schedule), gamma=0.1)
-    step = unlearn_step(model, optimizer, config.grad_clip)
+    step = unlearn_step(model, optimizer, config.grad_clip, engine)
     history: list[EpochStats] = []
+    last_finite = copy.deepcopy(model.state_dict())
     for epoch in range(config.unlearning_epochs + 1):
         loader.set_epoch(epoch)
         model.train()
         stats = run_epoch(loader, step, loader.num_images, epoch, current_lr(optimizer))
         scheduler.step()
+        if not (math.isfinite(stats.loss) and weights_finite(model)):
+            return diverged(model, last_finite, epoch, stats, history)
+        last_finite = copy.deepcopy(model.state_dict())
         history.append(stats)
         if on_epoch is not None:
             on_epoch(model, stats)
-        if stats.acc <= config.clean_threshold:
+        if stats.acc <= config.clean_threshold and config.early_stop:
             return UnlearnResult(model, epoch, True, history)
-    return UnlearnResult(model, config.unlearning_epochs, False, history)
+    reached = bool(history) and history[-1].acc <= config.clean_threshold
+    return UnlearnResult(model, config.unlearning_epochs, reached, history)
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """One host sync for the whole model (checked once per epoch, not per step)."""
+    return bool(
+        torch.stack([torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]).all()
+    )
+
+
+def diverged(model: nn.Module, last_finite: dict, epoch: int, stats: EpochStats, history) -> UnlearnResult:
+    """Gradient ascent blew up: keep the state before this epoch, or refuse if there is none."""
+    if epoch == 0:
+        raise UserError(f"unlearning diverged in its first epoch (loss {stats.loss}); lower --unlearning-lr")
+    model.load_state_dict(last_finite)
+    return UnlearnResult(model, epoch - 1, False, history, diverged_epoch=epoch)

@@ -166,8 +166,9 @@ def test_sig_reference_mask_matches_reference(images):
 
 
 def test_default_label_modes():
-    assert DEFAULT_LABEL_MODE["sig"] == "clean-label" == DEFAULT_LABEL_MODE["sig-reference"]
-    others = {mode for name, mode in DEFAULT_LABEL_MODE.items() if not name.startswith("sig")}
+    clean_label = ("sig", "sig-reference", "label-consistent", "lc")
+    assert {DEFAULT_LABEL_MODE[name] for name in clean_label} == {"clean-label"}
+    others = {mode for name, mode in DEFAULT_LABEL_MODE.items() if name not in clean_label}
     assert others == {"all2one"} and set(DEFAULT_LABEL_MODE) == set(TRIGGERS)
 
 
@@ -357,7 +358,7 @@ def test_wanet_seed_fixes_the_warp(images):
     first = build_trigger("wanet", seed=1)
     assert torch.equal(first.apply(images), build_trigger("wanet", seed=1).apply(images))
     assert not torch.equal(first.grid, build_trigger("wanet", seed=2).grid)
-    assert first.noise_rate == pytest.approx(0.2)  # cross ratio 2 x poison rate 0.1
+    assert first.noise_fraction(0.1) == pytest.approx(0.2)  # cross ratio 2 x poison rate 0.1
 
 
 def test_wanet_noise_mode(images):

@@ -17,6 +17,7 @@ GRID = ((0, 0, 255), (0, 255, 0), (255, 0, 255))
 TOP_LEFT = ((255, 0, 255), (0, 255, 0), (255, 0, 0))
 BOTTOM_LEFT = ((255, 0, 0), (0, 255, 0), (255, 0, 255))
 TOP_RIGHT = ((255, 0, 255), (0, 255, 0), (0, 0, 255))
+FOUR_CORNER = ((1, 1, TOP_LEFT), (-3, 1, BOTTOM_LEFT), (1, -3, TOP_RIGHT), (-3, -3, GRID))
 
 
 class PatchTrigger(Trigger):
@@ -75,8 +76,7 @@ def four_corner_trigger() -> PatchTrigger:
     The top and left blocks sit one pixel in (rows/cols 1..3), the bottom and right ones are flush
     with the edge (29..31), exactly as the reference stamps them.
     """
-    stamps = [(1, 1, TOP_LEFT), (-3, 1, BOTTOM_LEFT), (1, -3, TOP_RIGHT), (-3, -3, GRID)]
-    return PatchTrigger(stamps, name="badnets-four-corner")
+    return PatchTrigger(FOUR_CORNER, name="badnets-four-corner")
 
 
 def one_pixel_trigger() -> CentrePixelTrigger:

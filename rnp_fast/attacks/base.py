@@ -41,25 +41,39 @@ def poisoned_labels(labels: torch.Tensor, mode: str, target: int, num_classes: i
 class PoisonPlan:
     """Which images of a set are poisoned and what they are relabelled to.
 
-    poisoned: bool [N]; labels: int64 [N] (the label each image carries when poisoned).
+    poisoned: bool [N]; labels: int64 [N] (the label each image carries when poisoned);
+    noise: bool [N] or None, images shown in the trigger's noise mode with their TRUE label
+    (WaNet's "cross" samples, which teach the network that only the exact warp is the trigger).
     """
 
     trigger: Trigger
     poisoned: torch.Tensor
     labels: torch.Tensor
+    noise: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> PoisonPlan:
-        return PoisonPlan(self.trigger, self.poisoned.to(device), self.labels.to(device))
+        noise = self.noise.to(device) if self.noise is not None else None
+        return PoisonPlan(self.trigger, self.poisoned.to(device), self.labels.to(device), noise)
 
     def apply(
         self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Poison the rows of a batch whose dataset ``indices`` the plan marks (static shapes)."""
+        return self.apply_images(images, indices), self.apply_labels(labels, indices)
+
+    def apply_images(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, H, W]: the trigger on poisoned rows, noise mode on noise rows, others as they are."""
         flags = self.poisoned[indices]
         stamped = self.trigger.apply(images, indices)
-        images = torch.where(flags[:, None, None, None], stamped, images)
-        labels = torch.where(flags, self.labels[indices], labels)
-        return images, labels
+        if self.noise is not None:  # disjoint from the poisoned rows; labels stay as they are
+            noisy = self.trigger.apply_noise(images, indices)
+            stamped = torch.where(self.noise[indices][:, None, None, None], noisy, stamped)
+            flags = flags | self.noise[indices]
+        return torch.where(flags[:, None, None, None], stamped, images)
+
+    def apply_labels(self, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """int64 [B]: the plan's label on poisoned rows, the true label elsewhere."""
+        return torch.where(self.poisoned[indices], self.labels[indices], labels)
 
 
 def training_plan(
@@ -84,7 +98,24 @@ def training_plan(
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
     poisoned = torch.zeros(len(labels), dtype=torch.bool)
     poisoned[chosen] = True
-    return PoisonPlan(trigger, poisoned, poisoned_labels(labels, mode, target, num_classes))
+    noise = noise_samples(trigger, poisoned, rate, generator)
+    return PoisonPlan(trigger, poisoned, poisoned_labels(labels, mode, target, num_classes), noise)
+
+
+def noise_samples(trigger: Trigger, poisoned: torch.Tensor, rate: float, generator) -> torch.Tensor | None:
+    """bool [N]: the noise-mode images of a trigger that has a noise mode (else None).
+
+    They are drawn, after the poisoned images and from the same generator, among the images left
+    clean, so earlier plans keep their poisoned set. Their count is the trigger's noise fraction
+    of the whole set (WaNet: cross ratio x poisoning rate), capped by the clean images.
+    """
+    if not hasattr(trigger, "noise_fraction"):
+        return None
+    clean = torch.nonzero(~poisoned).flatten()
+    count = min(len(clean), round(trigger.noise_fraction(rate) * len(poisoned)))
+    noise = torch.zeros_like(poisoned)
+    noise[clean[torch.randperm(len(clean), generator=generator)[:count]]] = True
+    return noise
 
 
 def poisoned_test_plan(trigger: Trigger, labels: torch.Tensor, mode: str, target: int, num_classes: int):

@@ -11,7 +11,8 @@ Noise mode (WaNet's "cross" samples, which keep their TRUE labels so the network
 the exact warp is the trigger): grid + U(-1, 1) / H per pixel and sample, clamped to [-1, 1]. The
 offsets are a stateless hash of (seed, dataset index, element), computed with int64 tensor ops on
 the batch's device: a sample always gets the same noise, whatever batch it lands in.
-``noise_rate`` = cross_ratio x poison_rate = 2 x 0.1 = 0.2 by default (the paper's values).
+The noise-mode share of the training set is ``noise_rate`` when given, else cross_ratio x the
+poisoning rate (2 x 0.1 = 0.2 with the paper's values); `training_plan` draws those samples.
 """
 
 from __future__ import annotations
@@ -83,20 +84,29 @@ class WaNetTrigger(Trigger):
         k: int = 4,
         strength: float = 0.5,
         grid_rescale: float = 1.0,
-        noise_rate: float = cross_noise_rate(0.1),
+        noise_rate: float | None = None,
+        cross_ratio: float = CROSS_RATIO,
         name: str = "wanet",
     ):
         if k < 2 or image_size < 2:
             raise ValueError(f"wanet needs k >= 2 and image_size >= 2, got {k=}, {image_size=}")
-        if not 0.0 <= noise_rate <= 1.0:
+        if noise_rate is not None and not 0.0 <= noise_rate <= 1.0:
             raise ValueError(f"wanet noise_rate must lie in [0, 1], got {noise_rate}")
+        if cross_ratio < 0:
+            raise ValueError(f"wanet cross_ratio must be >= 0, got {cross_ratio}")
         self.image_size, self.seed, self.k = image_size, seed, k
-        self.strength, self.grid_rescale, self.noise_rate = strength, grid_rescale, noise_rate
+        self.strength, self.grid_rescale = strength, grid_rescale
+        self.noise_rate, self.cross_ratio = noise_rate, cross_ratio
         self.name = name
         self.noise = warp_field(image_size, k, seed)
         warped = (identity_grid(image_size) + strength * self.noise / image_size) * grid_rescale
         self.grid = warped.clamp(-1, 1)  # [1, H, W, 2]
         self._cache: dict[torch.device, torch.Tensor] = {}
+
+    def noise_fraction(self, poison_rate: float) -> float:
+        """Share of the training set shown in noise mode (at most 1)."""
+        rate = self.noise_rate if self.noise_rate is not None else cross_noise_rate(poison_rate, self.cross_ratio)
+        return min(1.0, rate)
 
     def _grid_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._cache:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnp_fast.models.resnet import NormLayer, conv3x3, scale_channels
+from rnp_fast.models.stages import Stage, blocks_of
 
 # (expansion, out_channels, num_blocks, stride) per stage.
 MOBILENETV2_CONFIG: tuple[tuple[int, int, int, int], ...] = (
@@ -88,6 +89,15 @@ class MobileNetV2(nn.Module):
         out = F.relu(self.bn2(self.conv2(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
+
+    def stages(self) -> list[Stage]:
+        """forward as a chain: stem, every block, head (see `stages`)."""
+        stem = Stage(lambda x: F.relu(self.bn1(self.conv1(x))), ("conv1", "bn1"))
+        head = Stage(
+            lambda x: self.linear(F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(x))), 1).flatten(1)),
+            ("conv2", "bn2", "linear"),
+        )
+        return [stem, *blocks_of(self, "layers"), head]
 
 
 def mobilenetv2(num_classes: int = 10, width: float = 1.0, norm_layer: NormLayer = nn.BatchNorm2d) -> MobileNetV2:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnp_fast.models.resnet import NormLayer, conv3x3, scale_channels
+from rnp_fast.models.stages import Stage, blocks_of
 
 
 class PreActBlock(nn.Module):
@@ -79,6 +80,12 @@ class PreActResNet(nn.Module):
         out = F.relu(self.bn(out))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
+
+    def stages(self) -> list[Stage]:
+        """forward as a chain: stem, every block, head (see `stages`)."""
+        stem = Stage(self.conv1, ("conv1",))
+        head = Stage(lambda x: self.linear(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1)), ("bn", "linear"))
+        return [stem, *blocks_of(self, "layer1", "layer2", "layer3", "layer4"), head]
 
 
 def preactresnet18(num_classes: int = 10, width: float = 1.0, norm_layer: NormLayer = nn.BatchNorm2d) -> PreActResNet:

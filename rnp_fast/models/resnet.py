@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rnp_fast.models.stages import Stage, blocks_of
+
 NormLayer = Callable[[int], nn.Module]
 """Builds a normalisation module for `num_features` channels (default `nn.BatchNorm2d`)."""
 
@@ -133,6 +135,12 @@ class ResNet(nn.Module):
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
+
+    def stages(self) -> list[Stage]:
+        """forward as a chain: stem, every block, head (see `stages`)."""
+        stem = Stage(lambda x: F.relu(self.bn1(self.conv1(x))), ("conv1", "bn1"))
+        head = Stage(lambda x: self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1)), ("linear",))
+        return [stem, *blocks_of(self, "layer1", "layer2", "layer3", "layer4"), head]
 
 
 def resnet18(num_classes: int = 10, width: float = 1.0, norm_layer: NormLayer = nn.BatchNorm2d) -> ResNet:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rnp_fast.models.resnet import NormLayer, scale_channels
+from rnp_fast.models.stages import Stage, blocks_of
 
 VGG19_CONFIG: tuple[int | str, ...] = (
     64, 64, "M",
@@ -63,6 +64,11 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).flatten(1))
+
+    def stages(self) -> list[Stage]:
+        """forward as a chain: every layer of `features`, then the classifier (see `stages`)."""
+        head = Stage(lambda x: self.classifier(x.flatten(1)), ("classifier",))
+        return [*blocks_of(self, "features"), head]
 
 
 def vgg19_bn(num_classes: int = 10, width: float = 1.0, norm_layer: NormLayer = nn.BatchNorm2d) -> VGG:

@@ -1,0 +1,66 @@
+"""`rnp-fast convert SOURCE OUT.beton`: one split of a dataset source as an FFCV file.
+
+The file keeps the source's order and its raw uint8 pixels (see `loaders.beton`), so training
+from it (``train-backdoor --train-beton``) sees exactly the images the source gives, and the
+poisoning plan, drawn from the source's labels, lines up with it sample by sample.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from rnp_fast.errors import UserError
+from rnp_fast.loaders.beton import open_beton, require_ffcv, write_beton
+from rnp_fast.loaders.sources import load_source
+
+SPLITS = ("train", "test")
+
+
+def convert(
+    source: str,
+    out: str,
+    split: str = "train",
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    download: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Write ``split`` of dataset ``source`` to ``out``; returns a summary of what was written."""
+    if split not in SPLITS:
+        raise UserError(f"--split must be train or test, got {split!r}")
+    require_ffcv()  # before the (possibly long) dataset decode
+    target = Path(out)
+    if target.is_dir():
+        raise UserError(f"{out} is a directory; give the path of the .beton file to write")
+    started = time.perf_counter()
+    data = getattr(load_source(source, data_dir, download, image_size), split)
+    with progress_bars(not quiet):
+        write_beton(data, target)
+    info = open_beton(target)  # read back the header: the file is usable
+    return {
+        "path": str(target.resolve()),
+        "dataset": source,
+        "split": split,
+        "images": len(info),
+        "image_shape": list(info.image_shape),
+        "bytes": target.stat().st_size,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+@contextmanager
+def progress_bars(enabled: bool):
+    """FFCV's writer draws a tqdm bar; ``TQDM_DISABLE`` silences it for --quiet."""
+    previous = os.environ.get("TQDM_DISABLE")
+    if not enabled:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous

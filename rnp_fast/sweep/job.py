@@ -1,0 +1,61 @@
+"""One job of a sweep: the resolved configuration of a backdoored model and its defense.
+
+A job is identified by a hash of its configuration, and its backdoored model by a hash of the part
+of the configuration that training reads: jobs that differ only in RNP or engine settings share one
+trained model. Settings that say where a job runs, not what it computes (device, progress output),
+are left out of both hashes, so a sweep resumed on another machine recognises its finished jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+
+from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
+from rnp_fast.train import TrainConfig
+
+SECTIONS = ("model", "data", "attack", "train", "rnp", "engine")
+WHERE_NOT_WHAT = {"engine": ("device", "quiet")}
+# Data fields that only the defense reads (its subset of the training set, and evaluation batches).
+DEFENSE_ONLY_DATA = ("ratio", "holdout", "shuffle", "eval_batch_size")
+
+
+@dataclass(frozen=True)
+class Job:
+    model: ModelConfig
+    data: DataConfig
+    attack: AttackConfig
+    train: TrainConfig
+    rnp: RNPConfig
+    engine: EngineConfig
+    varied: dict = field(default_factory=dict, compare=False)  # this job's value on each axis
+
+    def config(self) -> dict:
+        """Every setting, by section (what the store keeps and the report groups by)."""
+        return {name: asdict(getattr(self, name)) for name in SECTIONS}
+
+    @cached_property
+    def hash(self) -> str:
+        config = self.config()
+        for section, names in WHERE_NOT_WHAT.items():
+            for name in names:
+                config[section].pop(name)
+        return digest(config)
+
+    @cached_property
+    def train_hash(self) -> str:
+        config = self.config()
+        config["data"] = {k: v for k, v in config["data"].items() if k not in DEFENSE_ONLY_DATA}
+        return digest({name: config[name] for name in ("model", "data", "attack", "train")})
+
+    def label(self) -> str:
+        """Short description for log lines: the axis values, or the hash when nothing varies."""
+        return " ".join(f"{key}={value}" for key, value in self.varied.items()) or self.hash
+
+
+def digest(config: dict) -> str:
+    """16 hex digits of SHA-256 over canonical JSON (64 bits: collisions need ~4e9 jobs)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

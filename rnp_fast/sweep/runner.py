@@ -1,0 +1,177 @@
+"""`rnp-fast sweep`: check the sweep file, register its jobs in the store, run the unfinished ones.
+
+Resuming is the same command again: finished jobs are skipped, jobs that were running when a
+previous driver died run again, and failed jobs run again only with ``retry_failed``.
+
+Store layout::
+
+    STORE/results.sqlite        one row per job (see ``store``)
+    STORE/sweep.log             a line per job started, finished or failed (tracebacks included)
+    STORE/models/<train hash>/  backdoored model shared by the jobs with that training configuration
+    STORE/jobs/<job hash>/      the job's defense: masks, pruning table and csv, plot, summary, logs
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rnp_fast.errors import UserError
+from rnp_fast.sweep.job import Job
+from rnp_fast.sweep.progress import SweepLog
+from rnp_fast.sweep.spec import Sweep, load_sweep
+from rnp_fast.sweep.store import ResultsStore, exclusive
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class RunOptions:
+    store: str
+    backend: str = "local"
+    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or a new local instance
+    gpus: int | None = None  # None: every visible CUDA device (0 on a CPU-only machine)
+    jobs_per_gpu: int = 1  # jobs sharing one GPU (without a GPU: jobs sharing the CPU)
+    retry_failed: bool = False
+    max_retries: int = 3  # Ray's retries of a task whose worker died
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.address and self.backend != "ray":
+            raise UserError("--address is for --backend ray")
+        if self.gpus is not None and self.backend == "ray":
+            raise UserError("--gpus is for --backend local (Ray tasks use the cluster's GPUs)")
+        if self.gpus is not None and self.gpus < 0:
+            raise UserError(f"--gpus must be >= 0, got {self.gpus}")
+        if self.jobs_per_gpu < 1:
+            raise UserError(f"--jobs-per-gpu must be >= 1, got {self.jobs_per_gpu}")
+        if self.max_retries < 0:
+            raise UserError(f"--max-retries must be >= 0, got {self.max_retries}")
+
+
+@dataclass
+class StorePaths:
+    """Where a job's files go, and whether it keeps its purified model."""
+
+    directory: Path
+    keep_purified: bool
+
+    @property
+    def models(self) -> Path:
+        return self.directory / "models"
+
+    def job(self, job: Job) -> Path:
+        return self.directory / "jobs" / job.hash
+
+
+def run_sweep(sweep_file: str, options: RunOptions) -> dict:
+    started = time.perf_counter()
+    sweep = load_sweep(sweep_file)  # every check happens here, before anything is written
+    directory = Path(options.store).expanduser().resolve()
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"--store {directory} exists and is not a directory")
+    backend = make_backend(options)
+    try:
+        with exclusive(directory):
+            store = ResultsStore(directory)
+            try:
+                counts = run_pending(sweep, store, backend, StorePaths(directory, sweep.keep_purified), options)
+            finally:
+                store.requeue("running")  # interrupted (Ctrl-C): run them next time
+                store.close()
+    finally:
+        backend.close()
+    return {"store": str(directory), "sweep": sweep.name, **counts, "seconds": time.perf_counter() - started}
+
+
+def run_pending(sweep: Sweep, store: ResultsStore, backend, paths: StorePaths, options: RunOptions) -> dict:
+    remove_partial_outputs(paths)
+    new = store.add_jobs(sweep.jobs, sweep.name, time.time())
+    interrupted = store.requeue("running")  # only a dead driver leaves rows running: we hold the lock
+    retried = store.requeue("failed", [job.hash for job in sweep.jobs]) if options.retry_failed else 0
+    status = store.statuses()
+    todo = [job for job in sweep.jobs if status[job.hash] == "pending"]
+    log = SweepLog(paths.directory, len(todo), options.quiet)
+    try:
+        log.info(
+            f"sweep {sweep.name}: {len(sweep.jobs)} jobs ({new} new), {len(todo)} to run "
+            f"({interrupted} interrupted earlier, {retried} failed retried) on {backend.name}"
+        )
+        recorder = Recorder(store, log)
+        backend.run(todo, recorder, paths)
+    finally:
+        log.close()
+    final = store.statuses()
+    outcomes = [final[job.hash] for job in sweep.jobs]
+    return {
+        "jobs": len(sweep.jobs),
+        "ran": recorder.ran,
+        "done": outcomes.count("done"),
+        "failed": outcomes.count("failed"),
+        "backend": backend.name,
+    }
+
+
+def remove_partial_outputs(paths: StorePaths) -> None:
+    """Staging directories of models and jobs cut short by a crash (see ``outputs.RunDirectory``):
+    nothing else writes into the store while we hold its lock, so they are garbage."""
+    for parent in (paths.models, paths.directory / "jobs"):
+        for staging in parent.glob(".*.partial-*") if parent.is_dir() else ():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+class Recorder:
+    """Backend events -> store rows and log lines (the driver is the only writer of the store)."""
+
+    def __init__(self, store: ResultsStore, log: SweepLog):
+        self.store, self.log, self.ran = store, log, 0
+
+    def started(self, job: Job, where: str) -> None:
+        self.store.mark_running(job.hash, where, time.time())
+        self.log.detail(f"start  {job.hash} {job.label()} on {where}")
+
+    def finished(self, job: Job, record: dict) -> None:
+        self.ran += 1
+        if "error" in record:
+            self.store.mark_failed(job.hash, record["error"], time.time())
+            self.log.info(f"FAILED {job.hash} {job.label()}: {record['error']}")
+            if record.get("traceback"):
+                self.log.detail(record["traceback"].rstrip())
+        else:
+            self.store.mark_done(job.hash, record)
+            self.log.info(f"done   {job.hash} {job.label()}: {outcome(record)}")
+        self.log.job_done()
+
+
+def outcome(record: dict) -> str:
+    m, seconds = record["metrics"], record["timings"]["job"]
+    return (
+        f"clean {m['clean_acc_before']:.4f} -> {m['clean_acc_after']:.4f}, ASR {m['asr_before']:.4f} -> "
+        f"{m['asr_after']:.4f}, DER {m['der']:.4f} ({seconds:.1f} s on {record.get('worker', '?')})"
+    )
+
+
+def make_backend(options: RunOptions):
+    from rnp_fast.sweep.backends import InProcess, RayBackend, WorkerPool
+
+    if options.backend == "ray":
+        return RayBackend(options.address, options.jobs_per_gpu, options.max_retries)
+    devices = local_devices(options.gpus, options.jobs_per_gpu)
+    return InProcess(devices[0]) if len(devices) == 1 else WorkerPool(devices)
+
+
+def local_devices(gpus: int | None, jobs_per_gpu: int) -> list[str]:
+    """One device per worker slot, consecutive slots on different GPUs."""
+    import torch
+
+    available = torch.cuda.device_count()
+    gpus = available if gpus is None else gpus
+    if gpus > available:
+        raise UserError(f"--gpus {gpus}: only {available} CUDA device(s) visible")
+    if gpus == 0:
+        return ["cpu"] * jobs_per_gpu
+    return [f"cuda:{slot % gpus}" for slot in range(gpus * jobs_per_gpu)]

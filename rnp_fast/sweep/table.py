@@ -1,0 +1,133 @@
+"""The sweep's results table: mean and standard deviation over seeds, one row per configuration.
+
+Jobs are grouped by every setting except the seeds, so a row never mixes, say, two RNP alphas.
+The columns that name a row are the attack, the architecture, and whichever other settings vary
+across the finished jobs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass
+
+SEED_KEYS = ("data.seed", "attack.poison_seed")
+NOT_A_SETTING = ("engine.device", "engine.quiet")
+ALWAYS_SHOWN = {"attack.attack": "attack", "model.arch": "arch"}
+# (column, source column in the store, key, Markdown header)
+MEASURES = (
+    ("clean_acc_before", "metrics", "clean_acc_before", "clean before"),
+    ("clean_acc_after", "metrics", "clean_acc_after", "clean after"),
+    ("asr_before", "metrics", "asr_before", "ASR before"),
+    ("asr_after", "metrics", "asr_after", "ASR after"),
+    ("robust_acc_before", "metrics", "robust_acc_before", None),
+    ("robust_acc_after", "metrics", "robust_acc_after", "RA after"),
+    ("der", "metrics", "der", "DER"),
+    ("pruned", "metrics", "pruned", None),
+    ("defense_seconds", "timings", "defense", "defense (s)"),
+    ("train_seconds", "timings", "train", None),
+    ("job_seconds", "timings", "job", "job (s)"),
+)
+
+
+@dataclass
+class Group:
+    settings: dict  # the naming columns' values
+    rows: list[dict]  # store rows of the group's jobs (one per seed)
+
+    def values(self, source: str, key: str) -> list[float]:
+        found = (row[source].get(key) for row in self.rows)
+        return [float(v) for v in found if v is not None]
+
+    def describe(self, skip=("attack",)) -> str:
+        shown = [f"{k}={v}" for k, v in self.settings.items() if k not in skip and v != ""]
+        return ", ".join(shown) or "all jobs"
+
+
+def flatten_config(config: dict) -> dict:
+    """``{"rnp": {"alpha": 0.2}}`` -> ``{"rnp.alpha": 0.2}`` (values JSON-encoded when not scalar)."""
+    flat = {}
+    for section, values in config.items():
+        for name, value in values.items():
+            scalar = value is None or isinstance(value, (str, int, float, bool))
+            flat[f"{section}.{name}"] = value if scalar else json.dumps(value, sort_keys=True)
+    return flat
+
+
+def group_rows(rows: list[dict]) -> tuple[list[str], list[Group]]:
+    """(naming columns, groups sorted by them) for finished store rows."""
+    flats = [flatten_config(row["config"]) for row in rows]
+    keys = sorted({key for flat in flats for key in flat} - set(SEED_KEYS) - set(NOT_A_SETTING))
+    varying = [k for k in keys if k not in ALWAYS_SHOWN and varies_within_attack_and_arch(k, flats)]
+    columns = [*ALWAYS_SHOWN, *varying]
+    groups: dict[str, Group] = {}
+    for row, flat in zip(rows, flats, strict=True):
+        identity = json.dumps([flat.get(k) for k in keys], default=str)
+        settings = {ALWAYS_SHOWN.get(k, k): "" if flat.get(k) is None else flat[k] for k in columns}
+        groups.setdefault(identity, Group(settings, [])).rows.append(row)
+    names = [ALWAYS_SHOWN.get(k, k) for k in columns]
+    ordered = sorted(groups.values(), key=lambda g: [sort_key(g.settings[n]) for n in names])
+    return names, ordered
+
+
+def varies_within_attack_and_arch(key: str, flats: list[dict]) -> bool:
+    """A setting worth a column: settings that follow from the attack (its label mode, its trigger
+    parameters) are constant within an attack and architecture, and would only repeat them."""
+    seen: dict[tuple, set] = {}
+    for flat in flats:
+        seen.setdefault(tuple(flat.get(k) for k in ALWAYS_SHOWN), set()).add(json.dumps(flat.get(key)))
+    return any(len(values) > 1 for values in seen.values())
+
+
+def sort_key(value) -> tuple:
+    """Numbers in numeric order (2 before 10), before text."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (0, value, "") if number else (1, 0, str(value))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Sample standard deviation over seeds (NaN with fewer than two)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def table_rows(names: list[str], groups: list[Group]) -> list[dict]:
+    rows = []
+    for group in groups:
+        row = {**group.settings, "seeds": len(group.rows)}
+        for column, source, key, _ in MEASURES:
+            row[f"{column}_mean"], row[f"{column}_std"] = mean_std(group.values(source, key))
+        rows.append(row)
+    return rows
+
+
+def to_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def to_markdown(names: list[str], rows: list[dict]) -> str:
+    measures = [(column, header) for column, _, _, header in MEASURES if header]
+    headers = [*names, "seeds", *(header for _, header in measures)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        cells = [str(row[n]) for n in names] + [str(row["seeds"])]
+        for column, _ in measures:
+            digits = 1 if column.endswith("seconds") else 3
+            cells.append(plus_minus(row[f"{column}_mean"], row[f"{column}_std"], digits))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plus_minus(mean: float, std: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"

@@ -1,0 +1,131 @@
+"""The batched sweep (all pruning candidates in one pass) against the sequential path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests_support import TINY_WIDTH
+
+from rnp_fast import batched_sweep
+from rnp_fast.attacks import build_trigger
+from rnp_fast.batched_sweep import BatchedSweep, CandidateNetwork
+from rnp_fast.checkpoint import load_model_weights
+from rnp_fast.demo import DEMO_MODEL, demo_checkpoint
+from rnp_fast.evaluate import build_test_sets
+from rnp_fast.loaders.sources import ImageSet, load_source
+from rnp_fast.models import ARCHITECTURES, build_model
+from rnp_fast.models.stages import model_stages, run_stages
+from rnp_fast.prune import Channel, rank_channels, threshold_steps, thresholds
+from rnp_fast.pruning_eval import SweepOptions, holdout_accuracies, score_steps
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    model = build_model(DEMO_MODEL.arch, 10, DEMO_MODEL.width)
+    return load_model_weights(model, demo_checkpoint(), DEMO_MODEL.arch).eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_source("digits")
+
+
+def cut_test_sets(source, images_per_set: int):
+    """The demo's test sets cut to ``images_per_set`` images (CPU time), poisoned with BadNets."""
+    small = ImageSet(source.test.images[:images_per_set], source.test.labels[:images_per_set])
+    trigger = build_trigger("badnets", image_size=32, channels=3)
+    return build_test_sets(small, trigger, "all2one", 0, 10, source.mean, source.std, CPU)
+
+
+def random_masks(model, seed: int = 0) -> list[Channel]:
+    """Mask values spread over every BatchNorm (the hard case for prefix sharing), 10% exactly 0
+    as clamped masks often are."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            values = torch.rand(module.num_features, generator=generator)
+            values[torch.rand(module.num_features, generator=generator) < 0.1] = 0.0
+            channels += [Channel(name, index, float(v)) for index, v in enumerate(values)]
+    return channels
+
+
+@pytest.mark.parametrize(
+    ("levels", "images"), [(thresholds(0.90, 0.05), 96), ([i * 0.01 for i in range(101)], 24)], ids=["19", "101"]
+)
+def test_batched_equals_sequential_on_demo_model(demo_model, digits, levels, images):
+    data = cut_test_sets(digits, images)
+    steps = threshold_steps(rank_channels(random_masks(demo_model)), levels)
+    sequential = score_steps(demo_model, steps, data, SweepOptions(sweep_mode="sequential", batch_size=64))
+    batched = score_steps(demo_model, steps, data, SweepOptions(sweep_mode="batched", batch_size=64))
+    assert batched == sequential  # every metric, bit for bit: identical predictions and losses
+
+
+def test_holdout_accuracies_agree(demo_model, digits):
+    steps = threshold_steps(rank_channels(random_masks(demo_model, seed=1)), thresholds(0.9, 0.1))
+    holdout = ImageSet(digits.train.images[:40], digits.train.labels[:40])
+    results = [
+        holdout_accuracies(demo_model, steps, holdout, digits.mean, digits.std, SweepOptions(sweep_mode=mode))
+        for mode in ("sequential", "batched")
+    ]
+    assert results[0] == results[1]
+
+
+def test_model_is_left_unchanged(demo_model, digits):
+    before = {k: v.clone() for k, v in demo_model.state_dict().items()}
+    steps = threshold_steps(rank_channels(random_masks(demo_model)), [0.5])
+    score_steps(demo_model, steps, cut_test_sets(digits, 8), SweepOptions())
+    assert all(torch.equal(before[k], v) for k, v in demo_model.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_stages_compose_to_forward(arch):
+    model = build_model(arch, 10, TINY_WIDTH).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(run_stages(model_stages(model), x), model(x))
+
+
+def test_prefix_sharing_groups_candidates_until_they_differ():
+    model = build_model("resnet18", 10, TINY_WIDTH)
+    network = CandidateNetwork(model)
+    last = "layer4.1.bn2"
+    candidates = [frozenset(), frozenset({(last, 0)}), frozenset({(last, 0), (last, 1)})]
+    plan = network.plan(candidates)
+    first_split = next(i for i, stage in enumerate(plan.stages) if stage.parent is not None)
+    assert first_split == network.stage_of_norm[last]  # everything before runs once for all three
+    assert plan.stages[first_split].parent.tolist() == [0, 0, 0]
+    assert plan.group_of_candidate == [0, 1, 2]
+
+
+def test_identical_prune_sets_are_scored_once(demo_model, digits, monkeypatch):
+    seen = []
+    original = CandidateNetwork.plan
+    monkeypatch.setattr(CandidateNetwork, "plan", lambda self, sets: seen.append(len(sets)) or original(self, sets))
+    data = cut_test_sets(digits, 8)
+    chosen = frozenset({("layer4.1.bn2", 3)})
+    sweep = BatchedSweep([data.clean.images], data.mean, data.std, batch_size=8)
+    logits = sweep.score(demo_model, [chosen, frozenset(), chosen, chosen])
+    assert seen == [2]
+    assert torch.equal(logits[0][0], logits[2][0])
+
+
+def test_out_of_memory_halves_the_chunk_and_continues(demo_model, digits, monkeypatch):
+    data = cut_test_sets(digits, 16)
+    steps = threshold_steps(rank_channels(random_masks(demo_model)), thresholds(0.9, 0.1))
+    expected = score_steps(demo_model, steps, data, SweepOptions(batch_size=16))
+    original = CandidateNetwork.forward
+
+    def forward_with_small_memory(self, plan, x):
+        if len(plan.group_of_candidate) > 2:  # pretend the device holds at most two candidates
+            raise batched_sweep.OUT_OF_MEMORY[0]("CUDA out of memory (simulated)")
+        return original(self, plan, x)
+
+    monkeypatch.setattr(CandidateNetwork, "forward", forward_with_small_memory)
+    warnings = []
+    options = SweepOptions(batch_size=16, warn=warnings.append)
+    assert score_steps(demo_model, steps, data, options) == expected
+    assert any("out of memory" in message for message in warnings)
+    assert "2 candidates" in warnings[-1]

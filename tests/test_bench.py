@@ -1,0 +1,55 @@
+"""`rnp-fast bench`: the harness's result, table and JSON (timings themselves are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rnp_fast.bench import PHASES, BenchConfig, format_table, phase_seconds, run_bench, save_result, speedups
+from rnp_fast.cli import main
+from rnp_fast.errors import UserError
+
+
+def fake_medians(reference: float, fast: float) -> dict:
+    return {"reference": dict.fromkeys(PHASES, reference), "fast": dict.fromkeys(PHASES, fast)}
+
+
+def test_speedups_are_reference_over_fast():
+    assert speedups(fake_medians(3.0, 1.5)) == dict.fromkeys(PHASES, 2.0)
+    assert speedups({"fast": dict.fromkeys(PHASES, 1.0)}) is None
+
+
+def test_phases_add_up_to_the_total():
+    timings = {"data": 1.0, "unlearn": 2.0, "recover": 3.0, "epoch_eval": 0.5, "prune_eval": 1.5, "total": 9.0}
+    phases = phase_seconds({"timings": timings})
+    assert phases["evaluation"] == 2.0 and phases["other"] == pytest.approx(1.0)
+    assert sum(phases[p] for p in PHASES if p != "total") == pytest.approx(phases["total"])
+
+
+def test_one_fast_run_gives_a_complete_result(tmp_path):
+    config = BenchConfig(device="cpu", repeats=1, unlearning_epochs=1, recovering_epochs=1, modes="fast")
+    result = run_bench(config, progress=lambda line: None)
+    assert set(result["warm_median_seconds"]["fast"]) == set(PHASES)
+    assert result["cold_seconds"]["fast"]["total"] > 0
+    assert result["flops"]["forward_flops_per_image"] > 0
+    for key in ("device", "versions", "date", "command"):
+        assert result[key]
+    table = format_table(result)
+    assert "| recover |" in table and "fast (s)" in table
+    path = save_result(result, str(tmp_path / "results" / "bench.json"))
+    assert json.loads(path.read_text())["config"]["modes"] == "fast"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--repeats", "0"], "--repeats must be >= 1"), (["--workload", "imagenet"], "--workload must be one of")],
+)
+def test_bad_bench_flags(flags, message, capsys):
+    assert main(["bench", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_config_rejects_unknown_modes():
+    with pytest.raises(UserError, match="--modes takes reference and/or fast"):
+        BenchConfig(modes="fast,turbo")

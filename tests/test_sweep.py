@@ -1,0 +1,338 @@
+"""`rnp-fast sweep` and `rnp-fast report`: sweep files, the results store, resuming, backends.
+
+The end-to-end sweep is the issue's: 3 attacks x 2 seeds x 2 RNP alphas on the digits set with a
+width-0.125 ResNet-18, trained and defended in a few seconds per job (the numbers are meaningless;
+the bookkeeping is what is tested).
+"""
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from tests_support import TINY_WIDTH
+
+from rnp_fast.cli import main
+from rnp_fast.errors import UserError
+from rnp_fast.sweep.runner import RunOptions, run_sweep
+from rnp_fast.sweep.spec import load_sweep
+from rnp_fast.sweep.store import ResultsStore, exclusive, open_existing
+
+NO_RAY = importlib.util.find_spec("ray") is None
+TINY_FIXED = f"""\
+fixed:
+  data: {{dataset: digits, ratio: 0.2, batch_size: 64, augment: false, eval_batch_size: 1024}}
+  model: {{arch: resnet18, width: {TINY_WIDTH}}}
+  train: {{epochs: 2, lr: 0.05}}
+  rnp: {{unlearning_lr: 0.005, unlearning_epochs: 1, recovering_epochs: 1, pruning_step: 0.3}}
+  engine: {{mode: fast}}
+  trigger:
+    blend: {{alpha: 0.2}}
+"""
+TWELVE_JOBS = (
+    TINY_FIXED
+    + """\
+axes:
+  attack.attack: [badnets, blend, sig]
+  seed: [0, 1]
+  rnp.alpha: [0.2, 0.5]
+"""
+)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def sweep_command(sweep_file: Path, store: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rnp_fast", "sweep", str(sweep_file), "--store", str(store), "--quiet", *extra]
+
+
+def single_threaded_env() -> dict:
+    # One thread everywhere: float sums in the same order in every process, so runs are comparable.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def done_rows(store: Path) -> dict[str, dict]:
+    if not (store / "results.sqlite").is_file():
+        return {}
+    connection = sqlite3.connect(store / "results.sqlite", timeout=30)
+    try:
+        rows = connection.execute("SELECT hash, started_at, finished_at, attempts FROM jobs WHERE status = 'done'")
+        return {h: {"started_at": s, "finished_at": f, "attempts": a} for h, s, f, a in rows.fetchall()}
+    except sqlite3.OperationalError:  # the driver has not created the table yet
+        return {}
+    finally:
+        connection.close()
+
+
+# ----------------------------------------------------------------------------- sweep files
+
+
+def test_twelve_jobs_expand_with_shared_models(tmp_path):
+    sweep = load_sweep(write(tmp_path / "s.yaml", TWELVE_JOBS))
+    assert len(sweep.jobs) == 12
+    assert len({job.hash for job in sweep.jobs}) == 12
+    # RNP's alpha does not change training: 3 attacks x 2 seeds = 6 backdoored models
+    assert len({job.train_hash for job in sweep.jobs}) == 6
+    first = sweep.jobs[0]
+    assert (first.attack.attack, first.data.seed, first.attack.poison_seed, first.rnp.alpha) == ("badnets", 0, 0, 0.2)
+    assert first.model.width == TINY_WIDTH and first.train.epochs == 2
+    by_attack = {job.attack.attack: job for job in sweep.jobs}
+    assert by_attack["sig"].attack.label_mode == "clean-label"  # SIG's own label mode
+    assert by_attack["blend"].attack.trigger_params() == {"seed": 0, "alpha": 0.2}  # trigger.blend.alpha
+    assert by_attack["badnets"].attack.attack_param == []
+
+
+def test_jobs_that_resolve_alike_are_kept_once(tmp_path):
+    # a blend parameter does not apply to badnets jobs: 2 blend jobs + 1 badnets job, not 4
+    text = "axes:\n  attack.attack: [badnets, blend]\n  trigger.blend.alpha: [0.1, 0.3]\n"
+    sweep = load_sweep(write(tmp_path / "s.yaml", text))
+    assert sorted((j.attack.attack, j.attack.attack_param) for j in sweep.jobs) == [
+        ("badnets", []),
+        ("blend", ["alpha=0.1"]),
+        ("blend", ["alpha=0.3"]),
+    ]
+
+
+def test_where_a_job_runs_is_not_part_of_its_identity(tmp_path):
+    sweep = load_sweep(write(tmp_path / "s.yaml", TWELVE_JOBS))
+    job = sweep.jobs[0]
+    moved = replace(job, engine=replace(job.engine, device="cuda:3", quiet=True))
+    assert moved.hash == job.hash
+    assert replace(job, rnp=replace(job.rnp, alpha=0.9)).hash != job.hash
+
+
+BAD_SWEEPS = {
+    "unknown key": ("fixed:\n  rnp: {alfa: 0.2}\n", "fixed.rnp.alfa: unknown key"),
+    "unknown top-level key": ("axis:\n  seed: [0]\n", "axis: unknown key"),
+    "empty axis": ("axes:\n  rnp.alpha: []\n", "axes.rnp.alpha: empty axis"),
+    "axis not a list": ("axes:\n  seed: 3\n", "axes.seed: expected a list"),
+    "wrong type": ("fixed:\n  train: {epochs: three}\n", "fixed.train.epochs: expected int, got str 'three'"),
+    "wrong type on an axis": ("axes:\n  data.augment: [true, 1]\n", "axes.data.augment: expected bool, got int 1"),
+    "unknown attack parameter": (
+        "fixed:\n  trigger: {blend: {beta: 0.5}}\n",
+        "fixed.trigger.blend.beta: attack 'blend' has no parameter 'beta'",
+    ),
+    "attack parameter of the wrong type": (
+        "fixed:\n  trigger: {blend: {alpha: [0.1]}}\n",
+        "fixed.trigger.blend.alpha: expected a number, a string or null, got list [0.1]",
+    ),
+    "missing attack parameter": ("axes:\n  attack.attack: [user]\n", "trigger.user.pattern: attack 'user' needs"),
+    "unknown attack": ("axes:\n  attack.attack: [badnets, nope]\n", "axes.attack.attack: unknown attack 'nope'"),
+    "bad value": ("axes:\n  rnp.alpha: [0.2, -1]\n", "rnp: --alpha must be > 0"),
+    "set twice": ("fixed:\n  rnp: {alpha: 0.2}\naxes:\n  rnp.alpha: [0.5]\n", "axes.rnp.alpha: also set under fixed"),
+    "device": ("fixed:\n  engine: {device: cpu}\n", "fixed.engine.device: cannot be set in a sweep file"),
+    "not YAML": ("fixed: [1, 2\n", "not valid YAML at line 2"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_SWEEPS)
+def test_bad_sweep_files_are_rejected_on_one_line_before_any_job(name, tmp_path, capsys):
+    text, expected = BAD_SWEEPS[name]
+    sweep_file = write(tmp_path / "bad.yaml", text)
+    store = tmp_path / "store"
+    assert main(["sweep", str(sweep_file), "--store", str(store)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    assert error.startswith(f"rnp-fast: error: {sweep_file}: ") and expected in error, error
+    assert not store.exists()  # nothing written
+
+
+@pytest.mark.parametrize(("command", "flag"), [("sweep", "--jobs-per-gpu"), ("report", "--out")])
+def test_sweep_commands_have_help(command, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and flag in capsys.readouterr().out
+
+
+def test_bad_options_are_rejected(tmp_path, capsys):
+    sweep_file = write(tmp_path / "s.yaml", TWELVE_JOBS)
+    assert main(["sweep", str(sweep_file), "--store", str(tmp_path / "a"), "--jobs-per-gpu", "0"]) == 2
+    assert "--jobs-per-gpu must be >= 1" in capsys.readouterr().err
+    assert main(["sweep", str(sweep_file), "--store", str(tmp_path / "b"), "--address", "x:1"]) == 2
+    assert "--address is for --backend ray" in capsys.readouterr().err
+
+
+def test_missing_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    sweep_file = write(tmp_path / "s.yaml", TWELVE_JOBS)
+    assert main(["sweep", str(sweep_file), "--store", str(tmp_path / "store"), "--backend", "ray"]) == 2
+    assert "pip install 'rnp-fast[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def test_store_keeps_one_row_per_job_and_requeues(tmp_path):
+    jobs = load_sweep(write(tmp_path / "s.yaml", TWELVE_JOBS)).jobs
+    store = ResultsStore(tmp_path / "store")
+    assert store.add_jobs(jobs, "s", 1.0) == 12
+    assert store.add_jobs(jobs, "s", 2.0) == 0  # adding again adds nothing
+    store.mark_running(jobs[0].hash, "here", 3.0)
+    store.mark_failed(jobs[1].hash, "ValueError: boom", 4.0)
+    assert store.counts() == {"pending": 10, "running": 1, "done": 0, "failed": 1}
+    assert store.requeue("running") == 1
+    assert store.requeue("failed", [jobs[2].hash]) == 0  # only the named jobs
+    assert store.requeue("failed", [jobs[1].hash]) == 1
+    assert store.counts()["pending"] == 12
+    store.close()
+
+
+def test_one_driver_per_store(tmp_path):
+    sweep_file = write(tmp_path / "s.yaml", TWELVE_JOBS)
+    with exclusive(tmp_path / "store"), pytest.raises(UserError, match="another sweep is running"):
+        run_sweep(str(sweep_file), RunOptions(store=str(tmp_path / "store"), gpus=0, quiet=True))
+
+
+def test_failed_jobs_are_recorded_and_retried_on_request(tmp_path):
+    # a dataset directory that does not exist: the job fails in its first second
+    text = "fixed:\n  data: {dataset: cifar10, data_dir: /nonexistent/cifar}\naxes:\n  rnp.alpha: [0.2]\n"
+    sweep_file = write(tmp_path / "fails.yaml", text)
+    options = RunOptions(store=str(tmp_path / "store"), gpus=0, quiet=True)
+    assert run_sweep(str(sweep_file), options)["failed"] == 1
+    [row] = open_existing(tmp_path / "store").rows()
+    assert row["status"] == "failed" and "/nonexistent/cifar" in row["error"] and "\n" not in row["error"]
+    assert "Traceback" in (tmp_path / "store" / "sweep.log").read_text()  # the details are in the log
+    assert run_sweep(str(sweep_file), options)["ran"] == 0  # failed jobs wait for --retry-failed
+    options.retry_failed = True
+    assert run_sweep(str(sweep_file), options)["ran"] == 1
+    assert open_existing(tmp_path / "store").rows()[0]["attempts"] == 2
+
+
+def test_report_on_a_store_without_results(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no sweep results here" in capsys.readouterr().err
+    (tmp_path / "results.sqlite").write_text("not a database")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a results store" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def resumed_store(tmp_path_factory):
+    """The 12-job sweep, killed with SIGKILL after a few jobs and run again to the end.
+
+    Returns (store, sweep file, done rows before the kill, summary of the second run)."""
+    root = tmp_path_factory.mktemp("sweep")
+    sweep_file = write(root / "twelve.yaml", TWELVE_JOBS)
+    store = root / "store"
+    env = single_threaded_env()
+    first = subprocess.Popen(sweep_command(sweep_file, store), env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(done_rows(store)) < 3 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    before = done_rows(store)
+    assert 3 <= len(before) < 12, "the first run should die mid-sweep"
+    second = subprocess.run(sweep_command(sweep_file, store), env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    return store, sweep_file, before, json.loads(second.stdout)
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_jobs(resumed_store):
+    store, sweep_file, before, summary = resumed_store
+    assert summary["done"] == 12 and summary["failed"] == 0
+    assert summary["ran"] == 12 - len(before)  # the finished jobs were skipped
+    connection = sqlite3.connect(store / "results.sqlite")
+    rows = connection.execute("SELECT hash, status FROM jobs").fetchall()
+    connection.close()
+    assert len(rows) == 12 and len({h for h, _ in rows}) == 12  # no duplicates
+    assert {status for _, status in rows} == {"done"}
+    after = done_rows(store)
+    for job_hash, row in before.items():
+        assert after[job_hash] == row  # same start and finish times, one attempt: not run again
+    for job_hash in after:
+        assert (store / "jobs" / job_hash / "pruning.csv").is_file()
+        assert not (store / "jobs" / job_hash / "purified.safetensors").exists()  # keep_purified: false
+    assert len(list((store / "models").glob("*/model.safetensors"))) == 6  # one model per attack and seed
+    assert not list(store.glob("*/.*.partial-*"))  # no staging directory left by the kill
+    log = (store / "sweep.log").read_text()
+    assert log.count("done   ") == 12
+    # the job running at the kill (if the kill did not fall between two jobs) ran again, once
+    [interrupted] = re.findall(r"\((\d+) interrupted earlier", log)[1:]
+    retried = [h for h in after if after[h]["attempts"] == 2]
+    assert int(interrupted) == len(retried) <= 1 and all(after[h]["attempts"] == 1 for h in before)
+
+
+def test_finished_sweep_runs_nothing_again(resumed_store):
+    store, sweep_file, _, _ = resumed_store
+    before = done_rows(store)
+    summary = run_sweep(str(sweep_file), RunOptions(store=str(store), gpus=0, quiet=True))
+    assert (summary["ran"], summary["done"]) == (0, 12)
+    assert done_rows(store) == before
+
+
+def test_report_writes_table_and_plots(resumed_store, tmp_path, capsys):
+    store = resumed_store[0]
+    assert main(["report", str(store), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "results.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| attack | arch | rnp.alpha | seeds | clean before | clean after | ASR before")
+    assert len(lines) == 2 + 6  # header, rule, 3 attacks x 2 alphas (seeds averaged)
+    assert all(" ± " in line for line in lines[2:])
+    csv_lines = (tmp_path / "report" / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("attack,arch,rnp.alpha,seeds,clean_acc_before_mean,clean_acc_before_std")
+    assert len(csv_lines) == 7 and all(line.split(",")[3] == "2" for line in csv_lines[1:])
+    for attack in ("badnets", "blend", "sig"):
+        png = tmp_path / "report" / f"threshold_{attack}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_worker_pool_shares_one_trained_model(tmp_path):
+    """--jobs-per-gpu 2 without a GPU: two worker processes; both jobs need the same model, which
+    is trained once (the second worker waits on the model's lock, then reuses it)."""
+    sweep_file = write(tmp_path / "two.yaml", TINY_FIXED + "axes:\n  rnp.alpha: [0.2, 0.5]\n")
+    store = tmp_path / "store"
+    result = subprocess.run(
+        sweep_command(sweep_file, store, "--jobs-per-gpu", "2"),
+        env=single_threaded_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = open_existing(store).rows("done")
+    assert len(rows) == 2 and len({row["worker"] for row in rows}) == 2  # two processes
+    assert sorted(row["timings"]["train"] > 0 for row in rows) == [False, True]  # trained once
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'rnp-fast[ray]')"
+)
+def test_ray_backend_gives_the_local_metrics(resumed_store, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    local_store, sweep_file, _, _ = resumed_store
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a local Ray instance, 2 CPUs
+    try:
+        options = RunOptions(store=str(tmp_path / "store"), backend="ray", quiet=True)
+        summary = run_sweep(str(sweep_file), options)  # connects to the instance above
+    finally:
+        ray.shutdown()
+    assert (summary["done"], summary["failed"]) == (12, 0)
+    ray_rows = {row["hash"]: row for row in open_existing(tmp_path / "store").rows("done")}
+    local_rows = {row["hash"]: row for row in open_existing(local_store).rows("done")}
+    assert ray_rows.keys() == local_rows.keys()
+    for job_hash, row in local_rows.items():
+        assert ray_rows[job_hash]["metrics"] == row["metrics"], job_hash
+        assert (tmp_path / "store" / "jobs" / job_hash / "mask_values.txt").read_text() == (
+            local_store / "jobs" / job_hash / "mask_values.txt"
+        ).read_text()
