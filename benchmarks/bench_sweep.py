@@ -12,7 +12,7 @@ compilation where there is any), then ``--repeats`` times; medians and ratios go
 device, versions, date and command:
 
     python benchmarks/bench_sweep.py --workload demo --device cpu --mask-file RUN/mask_values.txt \\
-        --out benchmarks/results/sweep_demo_cpu.json
+        --batch-size 64 --channels-last --out benchmarks/results/sweep_demo_cpu.json
     python benchmarks/bench_sweep.py --workload cifar --device cuda --amp bf16 --channels-last \\
         --out benchmarks/results/sweep_cifar_h100.json
 """
@@ -106,8 +106,10 @@ def main() -> None:
         "batched": SweepOptions(
             sweep_mode="batched", batch_size=args.batch_size, amp=amp, channels_last=args.channels_last
         ),
-        "sequential": SweepOptions(sweep_mode="sequential", batch_size=args.batch_size, amp=amp),
-        "reference": SweepOptions(mode="reference", batch_size=args.batch_size),
+        "sequential": SweepOptions(
+            sweep_mode="sequential", batch_size=args.batch_size, amp=amp, channels_last=args.channels_last
+        ),
+        "reference": SweepOptions(mode="reference", batch_size=512),  # the reference's own way
     }
     results, metrics = {}, {}
     for provider in args.providers.split(","):

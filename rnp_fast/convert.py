@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rnp_fast.errors import UserError
 from rnp_fast.loaders.beton import open_beton, require_ffcv, write_beton
-from rnp_fast.loaders.sources import load_source
+from rnp_fast.loaders.sources import DATASETS, load_source
 
 SPLITS = ("train", "test")
 
@@ -31,6 +31,8 @@ def convert(
     """Write ``split`` of dataset ``source`` to ``out``; returns a summary of what was written."""
     if split not in SPLITS:
         raise UserError(f"--split must be train or test, got {split!r}")
+    if source not in DATASETS:  # a typo is reported as such, with or without FFCV installed
+        raise UserError(f"unknown dataset {source!r}; choose one of: {', '.join(DATASETS)}")
     require_ffcv()  # before the (possibly long) dataset decode
     target = Path(out)
     if target.is_dir():

@@ -81,7 +81,9 @@ def masked_batchnorm_layers(model: nn.Module) -> list[tuple[str, MaskedBatchNorm
 
 
 def clamp_masks_(model: nn.Module) -> None:
-    """Project every mask back into [0, 1] (done after each optimiser step)."""
+    """Project every mask back into [0, 1] (done after each optimiser step): two multi-tensor
+    kernels for all layers instead of one launch per layer."""
+    masks = [layer.neuron_mask for _, layer in masked_batchnorm_layers(model)]
     with torch.no_grad():
-        for _, layer in masked_batchnorm_layers(model):
-            layer.neuron_mask.clamp_(0.0, 1.0)
+        torch._foreach_clamp_min_(masks, 0.0)
+        torch._foreach_clamp_max_(masks, 1.0)

@@ -17,8 +17,9 @@ from torch import nn
 from rnp_fast import __version__
 from rnp_fast.attacks import build_trigger, training_plan
 from rnp_fast.checkpoint import save_reference_checkpoint, save_safetensors
-from rnp_fast.config import AttackConfig, DataConfig, ModelConfig, doc, require, to_dict
+from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, doc, require, to_dict
 from rnp_fast.device import describe_device, resolve_device
+from rnp_fast.engine import EAGER, EngineSettings, compiled, prepare_model, resolve_engine, sgd, to_layout
 from rnp_fast.errors import UserError
 from rnp_fast.evaluate import build_test_sets, evaluate, predict
 from rnp_fast.loaders.device_loader import DeviceLoader
@@ -59,10 +60,14 @@ def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
 
-def train_step(model: nn.Module, optimizer, scheduler):
+def train_step(model: nn.Module, optimizer, scheduler, engine: EngineSettings = EAGER):
+    forward = compiled(model, engine)
+    device = next(model.parameters()).device
+
     def step(images, labels):
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
+        with engine.autocast(device):
+            logits = forward(to_layout(images, engine))
+            loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -72,17 +77,20 @@ def train_step(model: nn.Module, optimizer, scheduler):
     return step
 
 
-def fit(model: nn.Module, loader: DeviceLoader, train: TrainConfig, on_epoch=None) -> None:
-    """SGD (Nesterov) over ``train.epochs`` epochs of ``loader`` with the configured schedule."""
-    optimizer = torch.optim.SGD(
+def fit(model: nn.Module, loader: DeviceLoader, train: TrainConfig, on_epoch=None, engine=EAGER) -> None:
+    """SGD (Nesterov) over ``train.epochs`` epochs of ``loader`` with the configured schedule; on
+    CUDA the engine's fast settings (compiled step, bf16 autocast, channels_last, fused SGD)."""
+    prepare_model(model, engine)
+    optimizer = sgd(
         model.parameters(),
+        next(model.parameters()).device,
         lr=train.lr,
         momentum=train.momentum,
         weight_decay=train.weight_decay,
         nesterov=True,
     )
     scheduler = make_scheduler(optimizer, train, len(loader))
-    step = train_step(model, optimizer, scheduler)
+    step = train_step(model, optimizer, scheduler, engine)
     for epoch in range(train.epochs):
         loader.set_epoch(epoch)
         model.train()
@@ -206,7 +214,9 @@ def train_backdoor(
             log.info(f"epoch {stats.epoch} \t lr {stats.lr:.4f} \t loss {stats.loss:.4f} \t acc {stats.acc:.4f}")
             bar.update(1)
 
-        fit(model, loader, train, on_epoch)
+        engine = resolve_engine(EngineConfig(device=device_name), device)
+        log.info(f"engine: {engine.describe()}")
+        fit(model, loader, train, on_epoch, engine)
         bar.close()
         metrics = evaluate(model, tests, data.eval_batch_size)
         log.info(f"clean {metrics.clean_acc_full:.4f}, ASR {metrics.asr:.4f}")

@@ -110,3 +110,13 @@ def test_auto_table_lists_only_measured_winners(tmp_path, monkeypatch):
         assert not auto_table.triton_wins(torch.empty(8, 128, 16, 16, dtype=torch.bfloat16))  # not measured
     finally:
         auto_table.measured_winners.cache_clear()
+
+
+def test_deterministic_flag_switches_pytorch_to_deterministic_kernels():
+    try:
+        resolve_engine(EngineConfig(deterministic=True), CPU)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
