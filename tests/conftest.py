@@ -17,7 +17,15 @@ from rnp_fast.checkpoint import save_safetensors  # noqa: E402
 from rnp_fast.models import build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_DATA = Path(os.environ.get("RNP_REFERENCE_DATA", REPO.parent / "shared" / "reference-data"))
+# The reference's published logs and trigger files: $RNP_REFERENCE_DATA, else the shared folder
+# beside the checkout, else the copies kept in tests/data/reference (so CI runs these tests too).
+SHARED_REFERENCE_DATA = REPO.parent / "shared" / "reference-data"
+REFERENCE_DATA = Path(
+    os.environ.get(
+        "RNP_REFERENCE_DATA",
+        SHARED_REFERENCE_DATA if SHARED_REFERENCE_DATA.is_dir() else REPO / "tests" / "data" / "reference",
+    )
+)
 
 
 @pytest.fixture

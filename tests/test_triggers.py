@@ -8,19 +8,19 @@ seeded control points (and, in noise mode, the same hashed per-sample offsets).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REFERENCE_DATA
 
 from rnp_fast.attacks import DEFAULT_LABEL_MODE, TRIGGERS, build_trigger
 from rnp_fast.attacks.trojan import load_reference_trojan
 from rnp_fast.errors import UserError
 
-# The reference's trigger files live outside the repository; point RNP_REFERENCE_DATA elsewhere.
-REFERENCE = Path(os.environ.get("RNP_REFERENCE_DATA", "/work/shared/reference-data"))
+# The reference's trigger files: the folder conftest found (shared, $RNP_REFERENCE_DATA, or the copies)
+REFERENCE = REFERENCE_DATA
 TROJAN_FILE = REFERENCE / "best_square_trigger_cifar10.npz"
 SIG_FILE = REFERENCE / "signal_cifar10_mask.npy"
 HAVE_REFERENCE = TROJAN_FILE.exists() and SIG_FILE.exists()
