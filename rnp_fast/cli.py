@@ -1,6 +1,7 @@
 """The `rnp-fast` command line, derived from the config dataclasses (one flag per field).
 
-Exit codes: 0 success, 2 bad input (one line on stderr, nothing written), 130 interrupted.
+Exit codes: 0 success, 1 a sweep finished with failed jobs, 2 bad input (one line on stderr,
+nothing written), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -225,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if summary is not None:
         print(json.dumps(summary, indent=2, default=str))
+    if args.command == "sweep" and summary.get("failed"):
+        return 1  # scripts must notice: the summary and sweep.log say which jobs failed
     return 0
 
 

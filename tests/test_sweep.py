@@ -211,6 +211,13 @@ def test_failed_jobs_are_recorded_and_retried_on_request(tmp_path):
     assert open_existing(tmp_path / "store").rows()[0]["attempts"] == 2
 
 
+def test_sweep_with_failed_jobs_exits_1(tmp_path, capsys):
+    text = "fixed:\n  data: {dataset: cifar10, data_dir: /nonexistent/cifar}\naxes:\n  rnp.alpha: [0.2]\n"
+    sweep_file = write(tmp_path / "fails.yaml", text)
+    assert main(["sweep", str(sweep_file), "--store", str(tmp_path / "store"), "--gpus", "0", "--quiet"]) == 1
+    assert '"failed": 1' in capsys.readouterr().out
+
+
 def test_report_on_a_store_without_results(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no sweep results here" in capsys.readouterr().err
