@@ -120,3 +120,20 @@ def test_deterministic_flag_switches_pytorch_to_deterministic_kernels():
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+def test_the_gpu_settings_run_the_whole_defense_on_cpu(tiny_checkpoint, tmp_path):
+    """bf16 autocast and channels_last through unlearning, recovering, the batched sweep and the
+    summary: the code paths the GPU takes, minus compilation (see the slow test)."""
+    from dataclasses import replace
+
+    from test_pipeline import job
+
+    from rnp_fast.defend import run_defense
+
+    base = job(tiny_checkpoint, tmp_path / "bf16")
+    summary = run_defense(replace(base, engine=replace(base.engine, amp="bf16", channels_last=True)))
+    table = (tmp_path / "bf16" / "pruning_by_threshold.txt").read_text().splitlines()
+    assert len(table) == 1 + 7  # header + thresholds 0, 0.15, ..., 0.9
+    assert 0.0 <= summary["clean_acc_after"] <= 1.0
+    assert "amp bf16" in (tmp_path / "bf16" / "output.log").read_text()
