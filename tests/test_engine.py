@@ -137,3 +137,21 @@ def test_the_gpu_settings_run_the_whole_defense_on_cpu(tiny_checkpoint, tmp_path
     assert len(table) == 1 + 7  # header + thresholds 0, 0.15, ..., 0.9
     assert 0.0 <= summary["clean_acc_after"] <= 1.0
     assert "amp bf16" in (tmp_path / "bf16" / "output.log").read_text()
+
+
+@pytest.mark.slow
+def test_compiled_steps_compile_once_per_batch_shape(tiny_checkpoint, tmp_path):
+    """Three unlearning and three recovering epochs over a set whose last batch is partial: each
+    step compiles for the full and the partial batch once, never again per epoch."""
+    from dataclasses import replace
+
+    import torch._dynamo.utils as dynamo_utils
+    from test_pipeline import job
+
+    from rnp_fast.defend import run_defense
+
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    base = job(tiny_checkpoint, tmp_path / "compiled")
+    run_defense(replace(base, engine=replace(base.engine, compile=True)))
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 4  # (unlearn, recover) x (full, partial)
