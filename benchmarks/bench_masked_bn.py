@@ -22,7 +22,6 @@ Standalone, writing medians and ratios to JSON with the device, versions, date a
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import itertools
 import json
 import statistics
@@ -34,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rnp_fast.bench import provenance
 from rnp_fast.kernels.reference import masked_batch_norm_reference
 
 SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]  # (C, H, W)
@@ -204,20 +204,7 @@ def ratios(results: list[dict]) -> list[dict]:
 
 
 def environment() -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton_version,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
+    return provenance(torch.device("cuda"), " ".join([Path(sys.executable).name, *sys.argv]))
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -19,6 +19,7 @@ import dataclasses
 
 import pytest
 import torch
+from bench_sweep import random_masks  # benchmarks/ is on sys.path: pytest and scripts put it there
 
 from rnp_fast.attacks import build_trigger
 from rnp_fast.checkpoint import load_model_weights
@@ -31,7 +32,7 @@ from rnp_fast.loaders.sources import load_source
 from rnp_fast.loops import run_epoch
 from rnp_fast.masked_bn import MaskedBatchNorm2d
 from rnp_fast.models import build_model
-from rnp_fast.prune import Channel, rank_channels, threshold_schedule
+from rnp_fast.prune import rank_channels, threshold_schedule
 from rnp_fast.pruning_eval import SweepOptions, make_evaluator, score_steps
 from rnp_fast.recover import prepare_masked_model, recover_step
 from rnp_fast.unlearn import unlearn_step
@@ -78,16 +79,6 @@ def test_recover_epoch(benchmark, demo, bn_kernel):
     prepare_model(masked, settings)
     step = recover_step(masked, optimizer, RNPConfig().alpha, settings)
     benchmark.pedantic(lambda: run_epoch(loader, step, loader.num_images, 1, 0.0), **ROUNDS)
-
-
-def random_masks(model: torch.nn.Module) -> list[Channel]:
-    generator = torch.Generator().manual_seed(0)
-    return [
-        Channel(name, index, value)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.BatchNorm2d)
-        for index, value in enumerate(torch.rand(module.num_features, generator=generator).tolist())
-    ]
 
 
 @pytest.mark.parametrize("provider", ["batched", "sequential", "reference"])

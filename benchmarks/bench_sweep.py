@@ -20,20 +20,18 @@ device, versions, date and command:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from rnp_fast.attacks import build_trigger
-from rnp_fast.bench import versions
+from rnp_fast.bench import provenance, save_result
 from rnp_fast.checkpoint import load_model_weights
 from rnp_fast.demo import DEMO_MODEL, demo_checkpoint
-from rnp_fast.device import describe_device, resolve_device
+from rnp_fast.device import resolve_device
 from rnp_fast.evaluate import build_test_sets
 from rnp_fast.loaders.sources import ImageSet, load_source
 from rnp_fast.models import build_model
@@ -124,10 +122,7 @@ def main() -> None:
     report = {
         "benchmark": "pruning sweep",
         "workload": args.workload,
-        "device": describe_device(device),
-        "versions": versions(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
+        **provenance(device),
         "masks": args.mask_file or "seeded random values (seed 0)",
         "steps": len(steps),
         "distinct_prune_sets": len({s.count for s in steps}),
@@ -144,8 +139,7 @@ def main() -> None:
     }
     print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        save_result(report, args.out)
 
 
 if __name__ == "__main__":

@@ -13,20 +13,18 @@ the median images per second, data and trigger work included.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from rnp_fast.attacks import build_trigger
 from rnp_fast.attacks.base import training_plan
-from rnp_fast.bench import versions
+from rnp_fast.bench import provenance, save_result
 from rnp_fast.config import EngineConfig
-from rnp_fast.device import describe_device, resolve_device
+from rnp_fast.device import resolve_device
 from rnp_fast.engine import EAGER, resolve_engine
 from rnp_fast.loaders.device_loader import DeviceLoader
 from rnp_fast.loaders.sources import ImageSet
@@ -90,18 +88,14 @@ def main() -> None:
         }
     report = {
         "benchmark": "train-backdoor throughput (BadNets, augmentation and trigger on the device)",
-        "device": describe_device(device),
-        "versions": versions(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
+        **provenance(device),
         "config": vars(args),
         "results": results,
         "fast_over_eager": results["fast"]["images_per_second"] / results["eager"]["images_per_second"],
     }
     print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        save_result(report, args.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnp_fast.loaders.augment import normalise
+from rnp_fast.evaluate import model_input
 from rnp_fast.models.stages import Stage, model_stages, stage_of_module
 
 PruneSet = frozenset  # of (BatchNorm module name, channel index)
@@ -140,8 +140,9 @@ class CandidateNetwork:
         }
 
     @torch.no_grad()
-    def forward(self, plan: ChunkPlan, x: torch.Tensor) -> torch.Tensor:
-        """Logits [G, B, K] for the final groups of ``plan`` on one normalised batch ``x``."""
+    def forward(self, plan: ChunkPlan, x: torch.Tensor, observe: Callable[[torch.Tensor], None] | None = None):
+        """Logits [G, B, K] for the final groups of ``plan`` on one normalised batch ``x``;
+        ``observe`` sees every stage's output."""
         batch, groups = len(x), 1
         for stage, stage_plan in zip(self.stages, plan.stages, strict=True):
             if stage_plan.parent is not None:
@@ -150,6 +151,8 @@ class CandidateNetwork:
             for name, entries in stage_plan.entries_for(batch).items():
                 self.norms[name].use(entries)
             x = stage.run(x)
+            if observe is not None:
+                observe(x)
         return x.float().unflatten(0, (groups, batch))
 
 
@@ -221,8 +224,7 @@ class BatchedSweep:
         return [[torch.cat(parts) for parts in per_set] for per_set in outputs]
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalise(images, self.mean, self.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return model_input(images, self.mean, self.std, self.channels_last)
 
     def pass_shape(self, network: CandidateNetwork, count: int) -> PassShape:
         """All candidates in one chunk unless ``chunk_size`` says otherwise, as many images per
@@ -247,16 +249,11 @@ def halved(shape: PassShape) -> PassShape:
     return PassShape(1, max(1, shape.images // 2))
 
 
-@torch.no_grad()
 def activation_bytes_per_image(network: CandidateNetwork, x: torch.Tensor) -> int:
-    plan = network.plan([frozenset()])
-    largest = x.numel() * x.element_size()
-    for stage, stage_plan in zip(network.stages, plan.stages, strict=True):
-        for name, entries in stage_plan.entries_for(1).items():
-            network.norms[name].use(entries)
-        x = stage.run(x)
-        largest = max(largest, x.numel() * x.element_size())
-    return largest
+    """The largest tensor one image produces at any stage (its input included)."""
+    sizes = [x.numel() * x.element_size()]
+    network.forward(network.plan([frozenset()]), x, observe=lambda out: sizes.append(out.numel() * out.element_size()))
+    return max(sizes)
 
 
 def free_memory_bytes(device: torch.device) -> int:

@@ -136,10 +136,7 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
     return {
         "benchmark": "rnp-fast bench",
         "config": asdict(config),
-        "device": describe_device(device),
-        "versions": versions(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["rnp-fast", *sys.argv[1:]]) if sys.argv else "rnp-fast bench",
+        **provenance(device, " ".join(["rnp-fast", *sys.argv[1:]])),
         "cold_seconds": cold,
         "warm_median_seconds": medians,
         "warm_runs_seconds": warm,
@@ -189,6 +186,16 @@ def achieved(work: dict, medians: dict, device_name: str) -> dict | None:
     return {"train_tflops": tflops, "fraction_of_bf16_peak": tflops * 1e12 / peak if peak else None}
 
 
+def provenance(device: torch.device, command: str | None = None) -> dict:
+    """What every saved measurement records: the device, the versions, the date and the command."""
+    return {
+        "device": describe_device(device),
+        "versions": versions(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or " ".join(["python", *sys.argv]),
+    }
+
+
 def versions() -> dict:
     import numpy
 
@@ -203,6 +210,7 @@ def versions() -> dict:
         "rnp_fast": __version__,
         "torch": torch.__version__,
         "triton": triton,
+        "cuda": torch.version.cuda,
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }

@@ -129,8 +129,8 @@ def defend_into(run: RunDirectory, log: RunLog, job: DefendJob, prepared: Prepar
         device,
     )
     defense = defense_data(source, job.data)
-    engine = prepared.engine
-    evaluator = make_evaluator(job.engine.mode, tests, eval_batch(job, engine), engine.eval_channels_last)
+    sweep = sweep_options(job, prepared.engine, log)  # the evaluation settings of every phase
+    evaluator = make_evaluator(sweep.mode, tests, sweep.batch_size, sweep.channels_last)
     timings: dict[str, float] = {"data": time.perf_counter() - started}
     log.info("----------- Backdoor Model Initialization --------------")
     tick = time.perf_counter()
@@ -150,7 +150,6 @@ def defend_into(run: RunDirectory, log: RunLog, job: DefendJob, prepared: Prepar
     log.info("----------- Backdoored Model Pruning --------------")
     ranked = rank_channels(channels)
     steps = schedule(ranked, job.rnp.pruning_by, job.rnp.pruning_max, job.rnp.pruning_step)
-    sweep = sweep_options(job, prepared.engine, log)
     metrics = score_steps(prepared.backdoored, steps, tests, sweep)
     holdout_images = defense.holdout or defense.train
     base_holdout, holdout = holdout_accuracies(

@@ -75,13 +75,17 @@ def predict(
 ) -> torch.Tensor:
     """float32 logits [N, K] of ``model`` in eval mode over uint8 ``images``."""
     model.eval()
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        x = normalise(images[start : start + batch_size], mean, std)
-        if channels_last:  # the convolutions follow the input's layout
-            x = x.contiguous(memory_format=torch.channels_last)
-        chunks.append(model(x).float())
+    chunks = [
+        model(model_input(images[start : start + batch_size], mean, std, channels_last)).float()
+        for start in range(0, len(images), batch_size)
+    ]
     return torch.cat(chunks)
+
+
+def model_input(images: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
+    """Normalised float images, in channels_last when asked (the convolutions follow the input)."""
+    x = normalise(images, mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def model_outputs(model: nn.Module, data: TestSets, batch_size: int, channels_last: bool = False) -> Outputs:

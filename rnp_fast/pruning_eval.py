@@ -11,7 +11,7 @@ Scoring a whole schedule (`score_steps`, `holdout_accuracies`) has three ways, p
 - sequential: each distinct prune set loaded into the model and evaluated on its own;
 - reference mode: sequential through the reference evaluator, every step re-evaluated even when
   its prune set repeats, as the reference does.
-Batched and sequential see the same batches and give the same predictions (a test).
+Batched and sequential give the same predictions, bit for bit on CPU (a test).
 """
 
 from __future__ import annotations
