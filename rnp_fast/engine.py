@@ -63,16 +63,17 @@ def resolve_engine(config, device: torch.device) -> EngineSettings:
     settings = EngineSettings(
         compile=cuda if config.compile is None else config.compile,
         amp=AMP_DTYPES["bf16" if cuda else "off"] if config.amp == "auto" else AMP_DTYPES[config.amp],
-        # Training layout: NHWC is 1.35x faster on the CPU too, but it changes the order of float
+        # Training layout: NHWC is ~1.2x faster on the CPU too, but it changes the order of float
         # operations, and a short unlearning run amplifies that (mask values moved by up to 0.9 on
         # the tiny test model), so the CPU keeps the reference's layout and its results
         channels_last=cuda if config.channels_last is None else config.channels_last,
-        # Evaluation does not feed back into training: NHWC there (4x faster on the CPU)
+        # Evaluation does not feed back into training: NHWC there (4x faster on the CPU,
+        # benchmarks/results/layout_demo_cpu.json)
         eval_channels_last=True if config.channels_last is None else config.channels_last,
         cuda_graphs=bool(config.cuda_graphs),
         bn_kernel=("auto" if cuda else "torch") if config.bn_kernel == "auto" else config.bn_kernel,
-        # CPU: per-image cost is lowest at small batches, which stay in cache (64: 0.21 ms/image,
-        # 512: 0.61 ms/image for the demo model); the GPU wants the large batch
+        # CPU: per-image cost is lowest at small batches, which stay in cache (channels_last, demo
+        # model: 64 images 0.19 ms/image, 512 images 0.55 ms/image); the GPU wants the large batch
         eval_rows=None if cuda else CPU_EVAL_ROWS,
     )
     check_settings(settings, device)
