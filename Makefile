@@ -20,8 +20,8 @@ test-all:  ## everything, slow tests included (torch.compile on CPU, Ray, long s
 	$(PYTHON) -m pytest -q tests
 
 lint:
-	$(PYTHON) -m ruff check rnp_fast loaders kernels tests benchmarks
-	$(PYTHON) -m ruff format --check rnp_fast loaders kernels tests benchmarks
+	$(PYTHON) -m ruff check rnp_fast loaders kernels tests benchmarks setup.py
+	$(PYTHON) -m ruff format --check rnp_fast loaders kernels tests benchmarks setup.py
 
 format:
-	$(PYTHON) -m ruff format rnp_fast loaders kernels tests benchmarks
+	$(PYTHON) -m ruff format rnp_fast loaders kernels tests benchmarks setup.py

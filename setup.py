@@ -1,5 +1,7 @@
 """Install rnp_fast; ``kernels/`` and ``loaders/`` install as ``rnp_fast.kernels`` / ``rnp_fast.loaders``."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["rnp_fast", "rnp_fast.*"])
@@ -8,7 +10,7 @@ setup(
     name="rnp_fast",
     version="0.1.0",
     description="Fast, faithful Reconstructive Neuron Pruning (RNP) backdoor defense",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages + ["rnp_fast.kernels", "rnp_fast.loaders"],

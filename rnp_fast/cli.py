@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--mask-file", help="mask_values.txt to reuse: skips unlearning and recovering")
     defend.add_argument("--unlearned-model", help="an unlearned checkpoint to reuse: skips unlearning")
     for cls in (ModelConfig, DataConfig, AttackConfig, RNPConfig, EngineConfig):
-        add_config_flags(defend, cls, skip=("poison_rate", "poison_seed"))
+        add_config_flags(defend, cls, skip=("poison_rate", "poison_seed", "poison"))
 
     from rnp_fast.train import TrainConfig
 

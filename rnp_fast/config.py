@@ -59,6 +59,11 @@ class AttackConfig:
     target: int = doc("target label of the backdoor", default=0)
     poison_rate: float = doc("fraction of training images poisoned (train-backdoor)", default=0.1)
     poison_seed: int = doc("seed choosing the poisoned training images", default=0)
+    poison: bool = doc(
+        "poison the training set (train-backdoor); --no-poison trains the same model on clean data, "
+        "the baseline an attack's clean accuracy is compared with (its ASR: the trigger on a clean model)",
+        default=True,
+    )
     trigger_seed: int = doc("seed of the trigger's random parts (blend noise, wanet warp, trojan patch)", default=0)
     attack_param: list[str] = doc(
         "the attack's own parameter as KEY=VALUE, e.g. alpha=0.1 or pattern=trigger.png (repeatable)",

@@ -180,7 +180,9 @@ def train_backdoor(
         source.num_classes,
         attack.poison_seed,
     )
-    hardened = getattr(trigger, "needs_clean_model", False)
+    if not attack.poison:  # the clean baseline: same data, order and augmentation, nothing stamped
+        plan = None
+    hardened = plan is not None and getattr(trigger, "needs_clean_model", False)
     if hardened and train.train_beton:
         raise UserError(f"--train-beton cannot carry the {attack.attack} attack's PGD-hardened images; drop it")
     options = {"shuffle": True, "augment": data.augment, "seed": data.seed, "poison": plan}
@@ -228,8 +230,8 @@ def train_backdoor(
             "clean_acc": metrics.clean_acc_full,
             "clean_acc_non_target": metrics.clean_acc,
             "asr": metrics.asr,
-            "poisoned_images": int(plan.poisoned.sum()),
-            "noise_mode_images": int(plan.noise.sum()) if plan.noise is not None else 0,
+            "poisoned_images": int(plan.poisoned.sum()) if plan is not None else 0,
+            "noise_mode_images": int(plan.noise.sum()) if plan is not None and plan.noise is not None else 0,
             **({"label_consistent": hardening} if hardening else {}),
             "seconds": time.perf_counter() - started,
             "images_per_second": train.epochs * loader.num_images / (time.perf_counter() - started),

@@ -174,3 +174,21 @@ def test_train_backdoor_label_consistent_end_to_end(tmp_path):
     assert summary["AttackConfig"]["attack_param"] == params
     assert summary["poisoned_images"] == 6 and summary["label_consistent"]["steps"] == 2
     assert np.isfinite(summary["asr"])
+
+
+def test_no_poison_trains_the_clean_baseline_whatever_the_attack(tmp_path):
+    """--no-poison: nothing stamped or relabelled (two attacks give the same weights, bit for bit),
+    no PGD hardening, and the summary still reports the trigger's ASR on the clean model."""
+    from safetensors.torch import load_file
+    from test_datasets import write_folder
+
+    root = write_folder(tmp_path / "f", per_class=6)
+    common = ["--width", str(TINY_WIDTH), "--device", "cpu", "--quiet", "--dataset", "imagefolder"]
+    common += ["--data-dir", str(root), "--epochs", "1", "--batch-size", "8", "--no-poison"]
+    for attack in ("badnets", "lc"):
+        assert main(["train-backdoor", "--out", str(tmp_path / attack), "--attack", attack, *common]) == 0
+    first, second = (load_file(tmp_path / attack / "model.safetensors") for attack in ("badnets", "lc"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    summary = json.loads((tmp_path / "lc" / "summary.json").read_text())
+    assert summary["poisoned_images"] == 0 and "label_consistent" not in summary
+    assert summary["AttackConfig"]["poison"] is False and 0 <= summary["asr"] <= 1

@@ -343,3 +343,34 @@ def test_ray_backend_gives_the_local_metrics(resumed_store, tmp_path, monkeypatc
         assert (tmp_path / "store" / "jobs" / job_hash / "mask_values.txt").read_text() == (
             local_store / "jobs" / job_hash / "mask_values.txt"
         ).read_text()
+
+
+def test_attack_table_checks_the_targets_against_the_clean_baseline(tmp_path):
+    """benchmarks/attack_table.py on two tiny sweeps: an attack and its unpoisoned baseline."""
+    stores = {}
+    for name, attack in (("attacks", "{attack: badnets}"), ("clean", "{attack: badnets, poison: false}")):
+        sweep_file = write(tmp_path / f"{name}.yaml", TINY_FIXED + f"  attack: {attack}\naxes:\n  seed: [0]\n")
+        stores[name] = tmp_path / name
+        run_sweep(str(sweep_file), RunOptions(store=str(stores[name]), gpus=0, quiet=True))
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "attack_table.py"
+    out = tmp_path / "table.json"
+    result = subprocess.run(
+        [sys.executable, str(script), str(stores["attacks"]), str(stores["clean"]), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| badnets |" in result.stdout
+    table = json.loads(out.read_text())
+    [entry] = table["attacks"]
+    clean = open_existing(stores["clean"]).rows("done")[0]["metrics"]
+    assert clean["model_asr"] <= 0.5  # nothing was poisoned
+    assert table["baseline_clean_acc"] == clean["model_clean_acc"]
+    assert entry["clean_drop_vs_baseline"] == pytest.approx(clean["model_clean_acc"] - entry["clean_before"])
+    assert entry["meets_asr_target"] == (entry["asr_before"] >= 0.90)
+    assert table["setup"]["model"]["width"] == TINY_WIDTH and "device" in table
+    swapped = subprocess.run(
+        [sys.executable, str(script), str(stores["clean"]), str(stores["attacks"])], capture_output=True, text=True
+    )
+    assert swapped.returncode != 0 and "not a clean baseline" in swapped.stderr
