@@ -19,12 +19,13 @@ ORDER_STREAM = 1  # separate seed streams for order and augmentation
 AUGMENT_STREAM = 2
 
 
-class DeviceLoader:
-    """Iterates ``(images float32 [B, C, H, W], labels int64 [B])`` batches on ``device``."""
+class OnDeviceBatches:
+    """What every fast loader shares: its settings, its length, the epoch it serves, and that
+    epoch's augmentation parameters. Subclasses supply ``__iter__`` over ``count`` images."""
 
     def __init__(
         self,
-        data: ImageSet,
+        count: int,
         mean: tuple[float, ...],
         std: tuple[float, ...],
         batch_size: int,
@@ -36,36 +37,48 @@ class DeviceLoader:
         channels_last: bool = False,
         yield_indices: bool = False,
     ):
-        self.images = data.images.to(device)
-        self.labels = data.labels.to(device)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device)
-        self.batch_size = batch_size
+        self.count = count
         self.device = torch.device(device)
-        self.shuffle, self.augment, self.seed = shuffle, augment, seed
-        self.poison = poison.to(device) if poison is not None else None
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
+        self.poison = poison.to(self.device) if poison is not None else None
         self.channels_last = channels_last
         self.yield_indices = yield_indices  # also yield each batch's dataset indices (int64 [B])
         self.epoch = 0
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        return -(-self.count // self.batch_size)
 
     @property
     def num_images(self) -> int:
-        return len(self.labels)
+        return self.count
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration uses."""
         self.epoch = epoch
 
+    def epoch_augmentation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This epoch's crop offsets and flips for every image, on the device (drawn on the CPU)."""
+        params = draw_params(self.count, mix_seed(self.seed, AUGMENT_STREAM), self.epoch)
+        return params.offsets.to(self.device), params.flips.to(self.device)
+
+
+class DeviceLoader(OnDeviceBatches):
+    """Iterates ``(images float32 [B, C, H, W], labels int64 [B])`` batches on ``device``."""
+
+    def __init__(self, data: ImageSet, *settings, **options):
+        """``settings``/``options``: `OnDeviceBatches`' (mean, std, batch_size, device, shuffle, ...)."""
+        super().__init__(len(data), *settings, **options)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+
     def epoch_order(self) -> torch.Tensor:
-        return epoch_order(len(self.labels), self.shuffle, self.seed, self.epoch)
+        return epoch_order(self.count, self.shuffle, self.seed, self.epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         order = self.epoch_order().to(self.device)
-        params = draw_params(len(self.labels), mix_seed(self.seed, AUGMENT_STREAM), self.epoch)
-        offsets, flips = params.offsets.to(self.device), params.flips.to(self.device)
+        offsets, flips = self.epoch_augmentation()
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
             images, labels = self.batch(indices, offsets[indices], flips[indices])

@@ -22,44 +22,22 @@ from pathlib import Path
 
 import torch
 
-from rnp_fast.attacks.base import PoisonPlan
 from rnp_fast.errors import UserError
-from rnp_fast.loaders.augment import draw_params, mix_seed
 from rnp_fast.loaders.beton import IMAGE, LABEL, open_beton, require_ffcv
-from rnp_fast.loaders.device_loader import AUGMENT_STREAM
+from rnp_fast.loaders.device_loader import OnDeviceBatches
 
 INDEX = "index"  # an extra output (from the label field) carrying the batch's dataset indices
 
 
-class FFCVLoader:
+class FFCVLoader(OnDeviceBatches):
     """Iterates ``(images float32 [B, C, H, W], labels int64 [B])`` (plus indices if asked) from a ``.beton``."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        batch_size: int,
-        device: torch.device | str = "cpu",
-        shuffle: bool = False,
-        augment: bool = False,
-        seed: int = 0,
-        poison: PoisonPlan | None = None,
-        channels_last: bool = False,
-        yield_indices: bool = False,
-        num_workers: int = 1,
-        batches_ahead: int = 2,
-    ):
+    def __init__(self, path: str | Path, *settings, num_workers: int = 1, batches_ahead: int = 2, **options):
+        """``settings``/``options``: `OnDeviceBatches`' (mean, std, batch_size, device, shuffle, ...)."""
         self.info = open_beton(path)
-        if poison is not None and len(poison.poisoned) != len(self.info):
-            raise UserError(f"{path}: {len(self.info)} images, but the poisoning plan covers {len(poison.poisoned)}")
-        self.device = torch.device(device)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
-        self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
-        self.poison = poison.to(self.device) if poison is not None else None
-        self.channels_last, self.yield_indices = channels_last, yield_indices
-        self.epoch = 0
+        super().__init__(len(self.info), *settings, **options)
+        if self.poison is not None and len(self.poison.poisoned) != self.count:
+            raise UserError(f"{path}: {self.count} images, but the poisoning plan covers {len(self.poison.poisoned)}")
         self.offsets = self.flips = None  # this epoch's augmentation parameters, set by __iter__
         self.loader = self._ffcv_loader(num_workers, batches_ahead)
 
@@ -92,19 +70,8 @@ class FFCVLoader:
             batches_ahead=batches_ahead,
         )
 
-    def __len__(self) -> int:
-        return -(-len(self.info) // self.batch_size)
-
-    @property
-    def num_images(self) -> int:
-        return len(self.info)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        params = draw_params(len(self.info), mix_seed(self.seed, AUGMENT_STREAM), self.epoch)
-        self.offsets, self.flips = params.offsets.to(self.device), params.flips.to(self.device)
+        self.offsets, self.flips = self.epoch_augmentation()
         self.loader.next_epoch = self.epoch  # FFCV asks its traversal order for this epoch
         for batch in self.loader:
             yield tuple(batch)
