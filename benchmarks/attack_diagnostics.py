@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from rnp_fast.attacks import build_trigger, parse_attack_params, poisoned_test_plan  # noqa: E402
+from rnp_fast.attacks import build_trigger  # noqa: E402
 from rnp_fast.bench import provenance, save_result  # noqa: E402
 from rnp_fast.checkpoint import load_model_weights  # noqa: E402
 from rnp_fast.config import AttackConfig, DataConfig, ModelConfig  # noqa: E402
-from rnp_fast.evaluate import predict  # noqa: E402
+from rnp_fast.evaluate import build_test_sets, predict  # noqa: E402
 from rnp_fast.loaders.sources import load_source  # noqa: E402
 from rnp_fast.models import build_model  # noqa: E402
 from rnp_fast.train import TrainConfig, train_backdoor  # noqa: E402
@@ -48,28 +48,24 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return attack, [p for p in params.split(",") if p]
 
 
-def diagnose(attack: str, params: list[str], args) -> dict:
+def diagnose(attack: str, params: list[str], source, args) -> dict:
     model_cfg = ModelConfig(arch="resnet18", width=args.width)
     data = DataConfig(dataset="digits", batch_size=32, augment=False, seed=args.seed)
     attack_cfg = AttackConfig(attack=attack, attack_param=params, poison_seed=args.seed)
     out = Path(tempfile.mkdtemp()) / "run"
     try:
-        summary = train_backdoor(
-            str(out), model_cfg, data, attack_cfg, TrainConfig(epochs=args.epochs, lr=0.05), "cpu", True
-        )
+        train = TrainConfig(epochs=args.epochs, lr=0.05)
+        summary = train_backdoor(str(out), model_cfg, data, attack_cfg, train, "cpu", True)
         model = load_model_weights(build_model("resnet18", 10, args.width), out / "model.safetensors", "resnet18")
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
-    source = load_source("digits")
-    mean, std = torch.tensor(source.mean), torch.tensor(source.std)
-    images, labels = source.test.images, source.test.labels
-    clean_pred = predict(model, images, mean, std, 256).argmax(1)
-    trigger = build_trigger(attack, image_size=32, channels=3, **parse_attack_params(params))
-    keep, _ = poisoned_test_plan(trigger, labels, attack_cfg.label_mode, attack_cfg.target, 10)
-    originals = images[keep]
-    stamped = trigger.apply(originals, torch.nonzero(keep).flatten())
-    hit = predict(model, stamped, mean, std, 256).argmax(1) == attack_cfg.target
-    changed = (stamped != originals).flatten(1).any(1)
+    trigger = build_trigger(attack, image_size=32, channels=3, **attack_cfg.trigger_params())
+    label_mode, target = attack_cfg.label_mode, attack_cfg.target
+    tests = build_test_sets(source.test, trigger, label_mode, target, 10, source.mean, source.std, "cpu")
+    labels = tests.clean.labels
+    clean_pred = predict(model, tests.clean.images, tests.mean, tests.std, 256).argmax(1)
+    hit = predict(model, tests.poisoned.images, tests.mean, tests.std, 256).argmax(1) == tests.poison_targets
+    changed = (tests.poisoned.images != tests.clean.images[tests.reference_mask]).flatten(1).any(1)
     return {
         "attack": attack,
         "attack_param": params,
@@ -91,9 +87,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args()
+    source = load_source("digits")
     results = []
     for text in args.variant or DEFAULT_VARIANTS:
-        entry = diagnose(*parse_variant(text), args)
+        entry = diagnose(*parse_variant(text), source, args)
         per_class = " ".join(f"{a:.2f}" for a in entry["clean_acc_per_class"])
         print(
             f"{text:14s} clean {entry['clean_acc']:.3f} ASR {entry['asr']:.3f} "

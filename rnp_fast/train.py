@@ -171,17 +171,18 @@ def train_backdoor(
         raise UserError(f"--target {attack.target} is outside the {source.num_classes} classes of {source.name}")
     image_shape = {"image_size": source.image_shape[-1], "channels": source.image_shape[0]}
     trigger = build_trigger(attack.attack, **image_shape, **attack.trigger_params())
-    plan = training_plan(
-        trigger,
-        source.train.labels,
-        attack.poison_rate,
-        attack.label_mode,
-        attack.target,
-        source.num_classes,
-        attack.poison_seed,
-    )
-    if not attack.poison:  # the clean baseline: same data, order and augmentation, nothing stamped
-        plan = None
+    # --no-poison, the clean baseline: the same data, order and augmentation, nothing stamped.
+    plan = None
+    if attack.poison:
+        plan = training_plan(
+            trigger,
+            source.train.labels,
+            attack.poison_rate,
+            attack.label_mode,
+            attack.target,
+            source.num_classes,
+            attack.poison_seed,
+        )
     hardened = plan is not None and getattr(trigger, "needs_clean_model", False)
     if hardened and train.train_beton:
         raise UserError(f"--train-beton cannot carry the {attack.attack} attack's PGD-hardened images; drop it")
