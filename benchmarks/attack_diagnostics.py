@@ -4,7 +4,8 @@ Trains one backdoored model per variant (the attack table's recipe by default: d
 x0.25, 20 epochs, batch 32, lr 0.05, no augmentation, 10 % poisoning, seed 0) and records, besides
 clean accuracy and ASR: clean accuracy per class (a clean-label attack's cost lands on its target
 class), the share of poisoned test images the trigger actually changes (a one-pixel trigger on a
-pixel that is already white changes nothing), and the ASR on the changed ones.
+pixel that is already white changes nothing), the ASR on the changed ones, and the same share
+among the poisoned training images.
 
     python benchmarks/attack_diagnostics.py --out benchmarks/results/digits_attack_diagnostics_cpu.json
     python benchmarks/attack_diagnostics.py --variant sig:delta=40 --variant one-pixel
@@ -22,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from rnp_fast.attacks import build_trigger  # noqa: E402
+from rnp_fast.attacks import build_trigger, training_plan  # noqa: E402
 from rnp_fast.bench import provenance, save_result  # noqa: E402
 from rnp_fast.checkpoint import load_model_weights  # noqa: E402
 from rnp_fast.config import AttackConfig, DataConfig, ModelConfig  # noqa: E402
+from rnp_fast.errors import run_script  # noqa: E402
 from rnp_fast.evaluate import build_test_sets, predict  # noqa: E402
 from rnp_fast.loaders.sources import load_source  # noqa: E402
 from rnp_fast.models import build_model  # noqa: E402
@@ -66,6 +68,12 @@ def diagnose(attack: str, params: list[str], source, args) -> dict:
     clean_pred = predict(model, tests.clean.images, tests.mean, tests.std, 256).argmax(1)
     hit = predict(model, tests.poisoned.images, tests.mean, tests.std, 256).argmax(1) == tests.poison_targets
     changed = (tests.poisoned.images != tests.clean.images[tests.reference_mask]).flatten(1).any(1)
+    plan = training_plan(
+        trigger, source.train.labels, attack_cfg.poison_rate, label_mode, target, 10, attack_cfg.poison_seed
+    )
+    poisoned = torch.nonzero(plan.poisoned).flatten()
+    stamped = trigger.apply(source.train.images[poisoned], poisoned)
+    changed_in_training = (stamped != source.train.images[poisoned]).flatten(1).any(1)
     return {
         "attack": attack,
         "attack_param": params,
@@ -75,6 +83,7 @@ def diagnose(attack: str, params: list[str], source, args) -> dict:
         "share_changed_by_trigger": changed.float().mean().item(),
         "asr_where_changed": hit[changed].float().mean().item() if changed.any() else None,
         "poisoned_training_images": summary["poisoned_images"],
+        "share_of_them_changed_by_trigger": changed_in_training.float().mean().item(),
         **({"label_consistent": summary["label_consistent"]} if "label_consistent" in summary else {}),
     }
 
@@ -106,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, Path(__file__).name)

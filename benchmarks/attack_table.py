@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from rnp_fast.attacks import CLEAN_LABEL_ATTACKS  # noqa: E402
 from rnp_fast.bench import provenance, save_result  # noqa: E402
+from rnp_fast.errors import UserError, run_script  # noqa: E402
 from rnp_fast.sweep.store import open_existing  # noqa: E402
 
 ASR_TARGET = {"all2one": 0.90, "clean-label": 0.80}
@@ -35,7 +36,7 @@ def finished_rows(store: str) -> list[dict]:
     finally:
         results.close()
     if not rows:
-        raise SystemExit(f"{store}: no finished jobs")
+        raise UserError(f"{store}: no finished jobs")
     return rows
 
 
@@ -43,7 +44,7 @@ def baseline_clean_accuracy(rows: list[dict], store: str) -> float:
     """Mean clean accuracy of the baseline store's models, which must all be trained unpoisoned."""
     poisoned = [row["config"]["attack"]["attack"] for row in rows if row["config"]["attack"].get("poison", True)]
     if poisoned:
-        raise SystemExit(f"{store}: not a clean baseline (jobs with poisoning: {', '.join(poisoned)})")
+        raise UserError(f"{store}: not a clean baseline (jobs with poisoning: {', '.join(poisoned)})")
     return sum(row["metrics"]["model_clean_acc"] for row in rows) / len(rows)
 
 
@@ -110,4 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, Path(__file__).name)

@@ -9,3 +9,15 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line and exit code 2."""
 
     exit_code = 2
+
+
+def run_script(main, name: str) -> None:
+    """Run a benchmark script's ``main`` the way the CLI runs a command: a UserError is one line
+    on stderr (``NAME: error: ...``) and its exit code, never a traceback."""
+    import sys
+
+    try:
+        main()
+    except UserError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
