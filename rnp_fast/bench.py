@@ -16,7 +16,6 @@ tables, plot, purified model), total (the whole run).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -30,7 +29,7 @@ import torch
 from rnp_fast import __version__
 from rnp_fast.config import doc, require
 from rnp_fast.device import describe_device, resolve_device
-from rnp_fast.errors import UserError
+from rnp_fast.outputs import save_json
 
 PHASES = ("data", "unlearn", "recover", "evaluation", "other", "total")
 MODES = ("reference", "fast")
@@ -238,11 +237,5 @@ def format_table(result: dict) -> str:
 
 
 def save_result(result: dict, path: str) -> Path:
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"--out {path} is a directory; give a .json file name")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial")
-    staging.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    staging.replace(target)  # atomic: an interrupted bench never leaves half a JSON file
-    return target
+    """Save a result as JSON (atomically, and only over a result file of ours)."""
+    return save_json(result, path)

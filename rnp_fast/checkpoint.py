@@ -4,7 +4,8 @@ Reads safetensors files, and ``.pt``/``.pth``/``.tar`` files through ``torch.loa
 (tensors and plain containers only). Both the reference's ``{'state_dict': ..., 'epoch': ...}``
 layout and bare state dicts load; DataParallel's ``module.`` prefix is stripped. A checkpoint is
 validated against the model before any work starts: missing and unexpected keys, shapes, and
-non-finite values are each named in the error.
+non-finite values, and floating-point weights stored as integers, booleans or complex numbers
+(which a silent cast would turn into a garbage model) are each named in the error.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, without running any code it may contain."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"model file {path} is a directory; give the checkpoint file inside it")
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
     if path.suffix == ".safetensors":
@@ -75,6 +78,14 @@ def validate_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source
         classes = all(k.startswith(("linear.", "classifier.")) for k in wrong)
         hint = " - wrong number of classes for this dataset?" if classes else " - wrong --arch or --width?"
         raise UserError(f"{source} does not match --arch {arch}: shape mismatch in {describe('', details)}{hint}")
+    not_float = [k for k, v in expected.items() if v.is_floating_point() and not state[k].is_floating_point()]
+    if not_float:
+        key = not_float[0]
+        raise UserError(
+            f"{source}: {key} is stored as {str(state[key].dtype).removeprefix('torch.')}, but it is a "
+            f"floating-point {'parameter' if key in dict(model.named_parameters()) else 'buffer'}; "
+            "refusing to cast it (a damaged or wrong checkpoint)"
+        )
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise UserError(f"{source} has non-finite values (NaN or Inf) in {describe('', bad).strip()}")

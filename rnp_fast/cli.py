@@ -122,6 +122,7 @@ def add_sweep_commands(commands) -> None:
     sweep.add_argument("--retry-failed", action="store_true", help="run failed jobs again")
     sweep.add_argument("--max-retries", type=int, default=3, help="Ray retries of a lost task (default: 3)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar or job lines on the terminal")
+    sweep.add_argument("--max-jobs", type=int, default=10_000, help="refuse sweeps with more jobs (default: 10000)")
 
     report = commands.add_parser("report", help="table (Markdown, CSV) and plots of a sweep's finished jobs")
     report.add_argument("store", metavar="STORE", help="the sweep's --store directory")
@@ -183,6 +184,7 @@ def run_sweep_command(args) -> dict:
         retry_failed=args.retry_failed,
         max_retries=args.max_retries,
         quiet=args.quiet,
+        max_jobs=args.max_jobs,
     )
     return run_sweep(args.sweep_file, options)
 
@@ -196,10 +198,13 @@ def run_report(args) -> dict:
 def run_bench_command(args) -> None:
     """Prints the table (and saves the JSON with --out) instead of a summary."""
     from rnp_fast.bench import BenchConfig, format_table, run_bench, save_result
+    from rnp_fast.outputs import is_our_json, vet_output_file
 
+    if args.out is not None:  # checked before the benchmark, not after it
+        vet_output_file(args.out, owned=is_our_json)
     result = run_bench(config_from_args(BenchConfig, args), progress=lambda line: print(line, file=sys.stderr))
     print(format_table(result))
-    if args.out:
+    if args.out is not None:
         print(f"saved {save_result(result, args.out)}", file=sys.stderr)
 
 

@@ -90,6 +90,13 @@ class AttackConfig:
 
         return {"seed": self.trigger_seed, **parse_attack_params(self.attack_param)}
 
+    def files(self) -> list[str]:
+        """The attack's parameter values that name files (trigger images, .npz patches): inputs
+        that an output directory must never contain."""
+        from rnp_fast.attacks import parse_attack_params
+
+        return [v for v in parse_attack_params(self.attack_param).values() if isinstance(v, str) and "." in v]
+
 
 @dataclass
 class RNPConfig:

@@ -15,6 +15,7 @@ from pathlib import Path
 from rnp_fast.errors import UserError
 from rnp_fast.loaders.beton import open_beton, require_ffcv, write_beton
 from rnp_fast.loaders.sources import DATASETS, load_source
+from rnp_fast.outputs import vet_output_file
 
 SPLITS = ("train", "test")
 
@@ -34,9 +35,7 @@ def convert(
     if source not in DATASETS:  # a typo is reported as such, with or without FFCV installed
         raise UserError(f"unknown dataset {source!r}; choose one of: {', '.join(DATASETS)}")
     require_ffcv()  # before the (possibly long) dataset decode
-    target = Path(out)
-    if target.is_dir():
-        raise UserError(f"{out} is a directory; give the path of the .beton file to write")
+    target = vet_output_file(out, [data_dir], flag="OUT.beton", owned=is_our_beton)
     started = time.perf_counter()
     data = getattr(load_source(source, data_dir, download, image_size), split)
     with progress_bars(not quiet):
@@ -51,6 +50,15 @@ def convert(
         "bytes": target.stat().st_size,
         "seconds": time.perf_counter() - started,
     }
+
+
+def is_our_beton(path: Path) -> bool:
+    """A .beton that `rnp-fast convert` wrote (its header holds our image and label fields)."""
+    try:
+        open_beton(path)
+    except UserError:
+        return False
+    return True
 
 
 @contextmanager

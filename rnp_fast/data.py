@@ -26,14 +26,29 @@ class DefenseData:
     train: ImageSet  # used by unlearning and recovering
     holdout: ImageSet  # used only to choose the threshold
 
+    @property
+    def rule_data(self) -> str:
+        """What the threshold rule scores: the held-out images, or (none held out, e.g. --holdout 0)
+        the training images, which the summary and the log then name as such."""
+        return "held-out images" if len(self.holdout) else "training images"
+
+    @property
+    def rule_images(self) -> ImageSet:
+        return self.holdout if len(self.holdout) else self.train
+
 
 def defense_data(source: DataSource, config: DataConfig) -> DefenseData:
     total = len(source.train)
     count = round(config.ratio * total)
     held = round(config.holdout * count)
+    if count < 2:
+        raise UserError(
+            f"--ratio {config.ratio} of {total} training images gives {count} defense images; need at least 2"
+        )
     if count - held < 2:
         raise UserError(
-            f"--ratio {config.ratio} of {total} training images leaves {count - held} defense images; need at least 2"
+            f"--holdout {config.holdout} holds {held} of the {count} defense images aside and leaves {count - held} "
+            "to train on; need at least 2 (lower --holdout or raise --ratio)"
         )
     generator = torch.Generator().manual_seed(mix_seed(config.seed, SUBSET_STREAM))
     chosen = torch.randperm(total, generator=generator)[:count]

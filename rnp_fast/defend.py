@@ -26,8 +26,8 @@ from rnp_fast.evaluate import Metrics, build_test_sets, defense_effectiveness
 from rnp_fast.loaders.sources import DataSource, load_source
 from rnp_fast.masked_bn import MaskedBatchNorm2d
 from rnp_fast.models import build_model
-from rnp_fast.outputs import RunDirectory
-from rnp_fast.prune import Channel, PruneStep, prune_, rank_channels, schedule, single_threshold_step
+from rnp_fast.outputs import RunDirectory, vet_output
+from rnp_fast.prune import Channel, PruneStep, batchnorm_sizes, prune_, rank_channels, schedule, single_threshold_step
 from rnp_fast.pruning_eval import SweepOptions, holdout_accuracies, make_evaluator, score_steps
 from rnp_fast.recover import recover
 from rnp_fast.report import (
@@ -80,9 +80,7 @@ def prepare(job: DefendJob) -> Prepared:
     unlearned = None
     if job.unlearned_model:
         unlearned = load_model_weights(new_model(job.model, source.num_classes), job.unlearned_model, job.model.arch)
-    channels = read_mask_file(job.mask_file) if job.mask_file else None
-    if channels is not None:
-        check_masks_fit(channels, backdoored, job.mask_file)
+    channels = read_mask_file(job.mask_file, batchnorm_sizes(backdoored)) if job.mask_file else None
     unlearned = unlearned.to(device) if unlearned else None
     return Prepared(device, source, backdoored.to(device), unlearned, channels, engine)
 
@@ -91,18 +89,13 @@ def new_model(config: ModelConfig, num_classes: int, norm_layer=nn.BatchNorm2d) 
     return build_model(config.arch, num_classes, config.width, norm_layer)
 
 
-def check_masks_fit(channels: list[Channel], model: nn.Module, source: str) -> None:
-    sizes = {name: m.num_features for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    for channel in channels:
-        if channel.layer not in sizes or not 0 <= channel.index < sizes[channel.layer]:
-            raise UserError(f"{source}: channel {channel.layer}[{channel.index}] does not exist in this model")
-
-
 def run_defense(job: DefendJob) -> dict:
     """Run RNP end to end; returns the summary (also written to ``summary.json``)."""
     started = time.perf_counter()
+    reads = [job.model_path, job.mask_file, job.unlearned_model, job.data.data_dir, *job.attack.files()]
+    vet_output(job.out, reads)  # before any work: never replace what rnp-fast did not make
     prepared = prepare(job)
-    with RunDirectory(job.out) as run:
+    with RunDirectory(job.out, reads, kind="defense run") as run:
         log = RunLog(run.path("output.log"), job.engine.quiet)
         try:
             summary = defend_into(run, log, job, prepared, started)
@@ -151,14 +144,17 @@ def defend_into(run: RunDirectory, log: RunLog, job: DefendJob, prepared: Prepar
     ranked = rank_channels(channels)
     steps = schedule(ranked, job.rnp.pruning_by, job.rnp.pruning_max, job.rnp.pruning_step)
     metrics = score_steps(prepared.backdoored, steps, tests, sweep)
-    holdout_images = defense.holdout or defense.train
     base_holdout, holdout = holdout_accuracies(
-        prepared.backdoored, steps, holdout_images, source.mean, source.std, sweep
+        prepared.backdoored, steps, defense.rule_images, source.mean, source.std, sweep
     )
     for step, metric in zip(steps, metrics, strict=True):
         log.info(f"{step.label:.4g} \t pruned {step.count} \t ASR {metric.asr:.4f} \t clean {metric.clean_acc:.4f}")
     timings["prune_eval"] = time.perf_counter() - tick
-    choice, chosen = pick(job, steps, ranked, base_holdout, holdout)
+    choice, chosen = pick(job, steps, ranked, base_holdout, holdout, defense.rule_data)
+    if job.rnp.threshold is None and not len(defense.holdout):
+        log.info(
+            "WARNING: no defense images are held out (--holdout), so the threshold is chosen on the training images"
+        )
     log.info(f"threshold rule: {choice.rule}")
     purified = prune_(copy.deepcopy(prepared.backdoored), chosen.channels if chosen else [])
     tick = time.perf_counter()
@@ -172,7 +168,8 @@ def defend_into(run: RunDirectory, log: RunLog, job: DefendJob, prepared: Prepar
     plot_pruning(run.path("pruning.png"), steps, metrics, job.rnp.pruning_by, choice.index)
     save_purified(run, purified, chosen, job)
     timings["total"] = time.perf_counter() - started
-    summary = make_summary(job, before, after, chosen, choice, stop, timings, device)
+    rule_data = None if job.rnp.threshold is not None else defense.rule_data
+    summary = make_summary(job, before, after, chosen, choice, stop, timings, device, rule_data)
     run.write_json("summary.json", summary)
     run.write_json("config.json", resolved_config(job, device))
     return summary
@@ -270,11 +267,11 @@ class EpochReporter:
         return on_epoch
 
 
-def pick(job: DefendJob, steps, ranked, base_holdout, holdout) -> tuple[Choice, PruneStep | None]:
+def pick(job: DefendJob, steps, ranked, base_holdout, holdout, data: str) -> tuple[Choice, PruneStep | None]:
     if job.rnp.threshold is not None:
         step = single_threshold_step(ranked, job.rnp.threshold)
         return Choice(None, f"fixed --threshold {job.rnp.threshold}"), step
-    choice = choose_step(holdout, base_holdout, job.rnp.tolerance, [s.label for s in steps])
+    choice = choose_step(holdout, base_holdout, job.rnp.tolerance, [s.label for s in steps], data)
     return choice, steps[choice.index] if choice.index is not None else None
 
 
@@ -290,7 +287,7 @@ def save_purified(run: RunDirectory, model: nn.Module, chosen: PruneStep | None,
     save_reference_checkpoint(state, run.path("purified.pth"), **info)
 
 
-def make_summary(job, before: Metrics, after: Metrics, chosen, choice, stop, timings, device) -> dict:
+def make_summary(job, before: Metrics, after: Metrics, chosen, choice, stop, timings, device, rule_data) -> dict:
     return {
         "clean_acc_before": before.clean_acc,
         "asr_before": before.asr,
@@ -305,6 +302,7 @@ def make_summary(job, before: Metrics, after: Metrics, chosen, choice, stop, tim
         "pruned": chosen.count if chosen else 0,
         "pruning_by": job.rnp.pruning_by,
         "rule": choice.rule,
+        "rule_data": rule_data,  # held-out images, or training images when none are held out
         "unlearning_stop_epoch": stop["stop_epoch"],
         "unlearning_reached_threshold": stop["reached_threshold"],
         "unlearning_diverged_epoch": stop["diverged_epoch"],

@@ -83,6 +83,11 @@ def single_threshold_step(ranked: list[Channel], threshold: float) -> PruneStep:
     return threshold_steps(ranked, [threshold])[0]
 
 
+def batchnorm_sizes(model: nn.Module) -> dict[str, int]:
+    """{BatchNorm layer name: channel count}, in module order: the channels a mask file must list."""
+    return {name: m.num_features for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
 @torch.no_grad()
 def prune_(model: nn.Module, channels: list[Channel]) -> nn.Module:
     """Zero gamma of ``channels`` in ``model`` (in place); beta is kept."""

@@ -28,28 +28,74 @@ def format_mask_values(channels: list[Channel]) -> str:
     return MASK_HEADER + "".join(rows)
 
 
-def parse_mask_values(text: str, source: str = "mask file") -> list[Channel]:
-    """Read a mask file the reference's way: whitespace-separated columns, one header row."""
-    lines = [line for line in text.splitlines() if line.strip()]
+def parse_mask_values(text: str, source: str = "mask file", sizes: dict[str, int] | None = None) -> list[Channel]:
+    """Read a mask file the reference's way (whitespace-separated columns under one header row),
+    strictly: exactly four columns per row, an integer row number and channel index, and a finite
+    mask value in [0, 1] (what recovering produces). With ``sizes`` (BatchNorm layer name ->
+    channel count of the model) every channel must be listed exactly once. The first offending
+    line is named."""
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise UserError(f"{source} is empty")
-    channels = []
-    for number, line in enumerate(lines[1:], start=2):
-        fields = line.split()
-        try:
-            channels.append(Channel(fields[1], int(fields[2]), float(fields[3])))
-        except (IndexError, ValueError):
-            raise UserError(f"{source}, line {number}: expected 'No Layer Idx Score', got {line.strip()!r}") from None
+    header_number, header = lines[0]
+    if header.split()[:1] != ["No"]:
+        raise UserError(f"{source}, line {header_number}: expected the header 'No  Layer Name  Neuron Idx  Mask Score'")
+    channels, seen = [], set()
+    for number, line in lines[1:]:
+        channel = parse_mask_row(line, f"{source}, line {number}")
+        if sizes is not None:
+            check_channel_fits(channel, sizes, seen, f"{source}, line {number}")
+        channels.append(channel)
     if not channels:
         raise UserError(f"{source} has a header but no channels")
+    if sizes is not None:
+        check_every_channel_listed(seen, sizes, source)
     return channels
 
 
-def read_mask_file(path: str | Path) -> list[Channel]:
+def parse_mask_row(line: str, where: str) -> Channel:
+    fields = line.split()
+    if len(fields) != 4:
+        raise UserError(f"{where}: expected 4 columns 'No Layer Idx Score', got {len(fields)}: {line.strip()!r}")
+    try:
+        int(fields[0])
+        channel = Channel(fields[1], int(fields[2]), float(fields[3]))
+    except ValueError:
+        raise UserError(
+            f"{where}: expected 'No Layer Idx Score' (whole numbers, a mask value), got {line.strip()!r}"
+        ) from None
+    if not 0.0 <= channel.value <= 1.0:  # also false for NaN
+        raise UserError(f"{where}: mask value {fields[3]} is not a number in [0, 1]")
+    return channel
+
+
+def check_channel_fits(channel: Channel, sizes: dict[str, int], seen: set, where: str) -> None:
+    key = (channel.layer, channel.index)
+    if channel.layer not in sizes or not 0 <= channel.index < sizes[channel.layer]:
+        raise UserError(f"{where}: channel {channel.layer}[{channel.index}] does not exist in this model")
+    if key in seen:
+        raise UserError(f"{where}: channel {channel.layer}[{channel.index}] is listed twice")
+    seen.add(key)
+
+
+def check_every_channel_listed(seen: set, sizes: dict[str, int], source: str) -> None:
+    total = sum(sizes.values())
+    if len(seen) != total:
+        layer, index = next((name, i) for name, count in sizes.items() for i in range(count) if (name, i) not in seen)
+        raise UserError(
+            f"{source} lists {len(seen)} of the model's {total} BatchNorm channels (first missing: "
+            f"{layer}[{index}]); a mask file must list every channel once"
+        )
+
+
+def read_mask_file(path: str | Path, sizes: dict[str, int] | None = None) -> list[Channel]:
+    """The channels of a mask file, checked against the model's BatchNorm ``sizes`` when given."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--mask-file {path} is a directory; give a mask_values.txt file")
     if not path.is_file():
         raise UserError(f"mask file not found: {path}")
-    return parse_mask_values(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    return parse_mask_values(path.read_text(encoding="utf-8", errors="replace"), str(path), sizes)
 
 
 def pruning_row(step: PruneStep, metrics: Metrics, by: str) -> str:

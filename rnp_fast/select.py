@@ -18,7 +18,9 @@ class Choice:
     rule: str
 
 
-def choose_step(holdout_accs: list[float], base_acc: float, tolerance: float, labels: list[float]) -> Choice:
+def choose_step(
+    holdout_accs: list[float], base_acc: float, tolerance: float, labels: list[float], data: str = "held-out images"
+) -> Choice:
     floor = base_acc - tolerance
     chosen = None
     for index, acc in enumerate(holdout_accs):
@@ -26,7 +28,7 @@ def choose_step(holdout_accs: list[float], base_acc: float, tolerance: float, la
             break
         chosen = index
     rule = (
-        f"largest threshold of the schedule's prefix whose held-out clean accuracy stays >= unpruned "
+        f"largest threshold of the schedule's prefix whose clean accuracy on the {data} stays >= unpruned "
         f"({base_acc:.4f}) - tolerance ({tolerance:.4f})"
     )
     if chosen is None:
@@ -34,4 +36,4 @@ def choose_step(holdout_accs: list[float], base_acc: float, tolerance: float, la
             None,
             rule + f"; none passed (first step {labels[0]!r} scored {holdout_accs[0]:.4f}), nothing pruned",
         )
-    return Choice(chosen, rule + f": {labels[chosen]!r} (held-out accuracy {holdout_accs[chosen]:.4f})")
+    return Choice(chosen, rule + f": {labels[chosen]!r} (accuracy {holdout_accs[chosen]:.4f})")

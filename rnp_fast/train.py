@@ -26,7 +26,7 @@ from rnp_fast.loaders.device_loader import DeviceLoader
 from rnp_fast.loaders.sources import ImageSet, load_source
 from rnp_fast.loops import current_lr, run_epoch
 from rnp_fast.models import build_model
-from rnp_fast.outputs import RunDirectory
+from rnp_fast.outputs import RunDirectory, vet_output
 from rnp_fast.runlog import RunLog
 
 
@@ -165,6 +165,8 @@ def train_backdoor(
     device_name: str = "auto",
     quiet: bool = False,
 ) -> dict:
+    reads = [data.data_dir, train.train_beton, *attack.files()]
+    vet_output(out, reads)  # before any work: never replace what rnp-fast did not make
     device = resolve_device(device_name)
     source = load_source(data.dataset, data.data_dir, data.download, data.image_size)
     if attack.target >= source.num_classes:
@@ -207,7 +209,7 @@ def train_backdoor(
         device,
     )
     started = time.perf_counter()
-    with RunDirectory(out) as run:
+    with RunDirectory(out, reads, kind="trained model") as run:
         log = RunLog(run.path("train.log"), quiet)
         if hardening:
             log.info(f"label-consistent: {hardening}")

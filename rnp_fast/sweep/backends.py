@@ -164,7 +164,7 @@ def model_cache(models_dir: Path) -> Path:
 def write_artifacts(job_dir: Path, files: dict[str, bytes]) -> None:
     if not files:
         return
-    with RunDirectory(job_dir) as run:
+    with RunDirectory(job_dir, kind="sweep job") as run:
         for name, content in files.items():
             run.path(name).write_bytes(content)
 

@@ -10,13 +10,15 @@ import re
 from pathlib import Path
 
 from rnp_fast.errors import UserError
-from rnp_fast.outputs import RunDirectory
+from rnp_fast.outputs import RunDirectory, vet_output
 from rnp_fast.sweep.curves import plot_attack
-from rnp_fast.sweep.store import open_existing
+from rnp_fast.sweep.store import DATABASE, open_existing
 from rnp_fast.sweep.table import group_rows, table_rows, to_csv, to_markdown
 
 
 def write_report(store_path: str, out: str | None = None) -> dict:
+    if out is not None:
+        vet_output(out, [store_path])  # before reading anything: never replace what we did not make
     store = open_existing(store_path)
     try:
         rows, counts = store.rows("done"), store.counts()
@@ -28,7 +30,7 @@ def write_report(store_path: str, out: str | None = None) -> dict:
     table = table_rows(names, groups)
     target = Path(out) if out else store.directory / "report"
     plots = []
-    with RunDirectory(target) as run:
+    with RunDirectory(target, [store.directory / DATABASE], kind="sweep report") as run:
         run.write_text("results.md", heading(counts) + to_markdown(names, table))
         run.write_text("results.csv", to_csv(table))
         for attack in sorted({g.settings["attack"] for g in groups}):

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rnp_fast.errors import UserError
+from rnp_fast.outputs import is_ours, vet_output
 from rnp_fast.sweep.job import Job
 from rnp_fast.sweep.progress import SweepLog
 from rnp_fast.sweep.spec import Sweep, load_sweep
-from rnp_fast.sweep.store import ResultsStore, exclusive
+from rnp_fast.sweep.store import DATABASE, ResultsStore, exclusive
 
 BACKENDS = ("local", "ray")
 
@@ -37,6 +38,7 @@ class RunOptions:
     retry_failed: bool = False
     max_retries: int = 3  # Ray's retries of a task whose worker died
     quiet: bool = False
+    max_jobs: int = 10_000  # refuse larger sweeps (counted from the axes before expanding them)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -51,6 +53,8 @@ class RunOptions:
             raise UserError(f"--jobs-per-gpu must be >= 1, got {self.jobs_per_gpu}")
         if self.max_retries < 0:
             raise UserError(f"--max-retries must be >= 0, got {self.max_retries}")
+        if self.max_jobs < 1:
+            raise UserError(f"--max-jobs must be >= 1, got {self.max_jobs}")
 
 
 @dataclass
@@ -70,10 +74,8 @@ class StorePaths:
 
 def run_sweep(sweep_file: str, options: RunOptions) -> dict:
     started = time.perf_counter()
-    sweep = load_sweep(sweep_file)  # every check happens here, before anything is written
-    directory = Path(options.store).expanduser().resolve()
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"--store {directory} exists and is not a directory")
+    directory = vet_output(options.store, [sweep_file], flag="--store", owned=is_store)
+    sweep = load_sweep(sweep_file, options.max_jobs)  # every check happens here, before anything is written
     backend = make_backend(options)
     try:
         with exclusive(directory):
@@ -86,6 +88,11 @@ def run_sweep(sweep_file: str, options: RunOptions) -> dict:
     finally:
         backend.close()
     return {"store": str(directory), "sweep": sweep.name, **counts, "seconds": time.perf_counter() - started}
+
+
+def is_store(directory: Path) -> bool:
+    """Ours: marked, or a store written before stores were marked (it holds our results database)."""
+    return is_ours(directory) or (directory / DATABASE).is_file()
 
 
 def run_pending(sweep: Sweep, store: ResultsStore, backend, paths: StorePaths, options: RunOptions) -> dict:

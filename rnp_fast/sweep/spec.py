@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -65,14 +66,23 @@ class SweepFileError(UserError):
         super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read, check and expand a sweep file; raises UserError before any job could start."""
+MAX_FILE_BYTES = 1_000_000  # a sweep file is a few lines; anything larger is a mistake (or an attack)
+MAX_JOBS = 10_000
+
+
+def load_sweep(path: str | Path, max_jobs: int = MAX_JOBS) -> Sweep:
+    """Read, check and expand a sweep file; raises UserError before any job could start. The
+    number of jobs is counted from the axes' lengths before anything is expanded."""
     path = Path(path)
     source = str(path)
     document = read_yaml(path)
     check_mapping(document, source, "", TOP_LEVEL)
     fixed = flatten(optional(document, "fixed"), source)
     axes = read_axes(optional(document, "axes"), source)
+    count = math.prod(len(values) for values in axes.values())
+    if count > max_jobs:
+        sizes = " x ".join(str(len(values)) for values in axes.values())
+        raise SweepFileError(source, "axes", f"{sizes} = {count:,} jobs, more than --max-jobs {max_jobs:,}")
     check_values(fixed, axes, source)
     name = document.get("name", path.stem)
     keep = document.get("keep_purified", False)
@@ -103,6 +113,9 @@ def check_values(fixed: dict, axes: dict[str, list], source: str) -> None:
 def read_yaml(path: Path):
     if not path.is_file():
         raise SweepFileError(str(path), "", "sweep file not found")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise SweepFileError(str(path), "", f"{size:,} bytes; a sweep file may hold at most {MAX_FILE_BYTES:,}")
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rnp_fast.errors import UserError
+from rnp_fast.outputs import claim_directory
 from rnp_fast.sweep.job import Job
 
 DATABASE = "results.sqlite"
@@ -163,8 +164,9 @@ def open_existing(store: str | Path) -> ResultsStore:
 @contextmanager
 def exclusive(directory: Path):
     """Hold the store for one driver at a time. The kernel drops the lock when its process dies,
-    however it dies, so a killed sweep never leaves the store locked."""
-    directory.mkdir(parents=True, exist_ok=True)
+    however it dies, so a killed sweep never leaves the store locked. The store is marked as
+    ours first (``outputs``), so the lock file never makes it look like a stranger's folder."""
+    claim_directory(directory, "sweep store")
     with open(directory / LOCK, "a+", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
