@@ -1,7 +1,8 @@
 """Why an attack does or does not implant: per-class clean accuracy and where the trigger is visible.
 
-Trains one backdoored model per variant (the attack table's recipe by default: digits, ResNet-18
-x0.25, 20 epochs, batch 32, lr 0.05, no augmentation, 10 % poisoning, seed 0) and records, besides
+Trains one backdoored model per variant with the attack table's recipe (read from its sweep file,
+digits_attacks.yaml: digits, ResNet-18 x0.25, 20 epochs, batch 32, lr 0.05, no augmentation, 10 %
+poisoning; seed 0 here) and records, besides
 clean accuracy and ASR: clean accuracy per class (a clean-label attack's cost lands on its target
 class), the share of poisoned test images the trigger actually changes (a one-pixel trigger on a
 pixel that is already white changes nothing), the ASR on the changed ones, and the same share
@@ -13,26 +14,20 @@ among the poisoned training images.
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _harness
+import torch
 
-import torch  # noqa: E402
+from rnp_fast import train as training
+from rnp_fast.evaluation.predict import predict
+from rnp_fast.resolved import resolve_run
+from rnp_fast.sweep.spec import load_sweep
 
-from rnp_fast.attacks import build_trigger, training_plan  # noqa: E402
-from rnp_fast.bench import provenance, save_result  # noqa: E402
-from rnp_fast.checkpoint import load_model_weights  # noqa: E402
-from rnp_fast.config import AttackConfig, DataConfig, ModelConfig  # noqa: E402
-from rnp_fast.errors import run_script  # noqa: E402
-from rnp_fast.evaluate import build_test_sets, predict  # noqa: E402
-from rnp_fast.loaders.sources import load_source  # noqa: E402
-from rnp_fast.models import build_model  # noqa: E402
-from rnp_fast.train import TrainConfig, train_backdoor  # noqa: E402
-
+TABLE_SWEEP = Path(__file__).with_name("digits_attacks.yaml")  # the recipe's one home
+PREDICT_BATCH = 256
 DEFAULT_VARIANTS = (
     "one-pixel",
     "sig",
@@ -50,69 +45,91 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return attack, [p for p in params.split(",") if p]
 
 
-def diagnose(attack: str, params: list[str], source, args) -> dict:
-    model_cfg = ModelConfig(arch="resnet18", width=args.width)
-    data = DataConfig(dataset="digits", batch_size=32, augment=False, seed=args.seed)
-    attack_cfg = AttackConfig(attack=attack, attack_param=params, poison_seed=args.seed)
-    out = Path(tempfile.mkdtemp()) / "run"
-    try:
-        train = TrainConfig(epochs=args.epochs, lr=0.05)
-        summary = train_backdoor(str(out), model_cfg, data, attack_cfg, train, "cpu", True)
-        model = load_model_weights(build_model("resnet18", 10, args.width), out / "model.safetensors", "resnet18")
-    finally:
-        shutil.rmtree(out.parent, ignore_errors=True)
-    trigger = build_trigger(attack, image_size=32, channels=3, **attack_cfg.trigger_params())
-    label_mode, target = attack_cfg.label_mode, attack_cfg.target
-    tests = build_test_sets(source.test, trigger, label_mode, target, 10, source.mean, source.std, "cpu")
-    labels = tests.clean.labels
-    clean_pred = predict(model, tests.clean.images, tests.mean, tests.std, 256).argmax(1)
-    hit = predict(model, tests.poisoned.images, tests.mean, tests.std, 256).argmax(1) == tests.poison_targets
-    changed = (tests.poisoned.images != tests.clean.images[tests.reference_mask]).flatten(1).any(1)
-    plan = training_plan(
-        trigger, source.train.labels, attack_cfg.poison_rate, label_mode, target, 10, attack_cfg.poison_seed
+def variant_job(text: str, args):
+    """The attack table's job (its first: every job shares the training recipe) for this variant."""
+    job = load_sweep(TABLE_SWEEP).jobs[0]
+    attack, params = parse_variant(text)
+    return replace(
+        job,
+        model=replace(job.model, width=job.model.width if args.width is None else args.width),
+        data=replace(job.data, seed=args.seed),
+        # label_mode None: the attack's own (clean-label for sig and lc), as in the sweep
+        attack=replace(job.attack, attack=attack, label_mode=None, attack_param=params, poison_seed=args.seed),
+        train=replace(job.train, epochs=job.train.epochs if args.epochs is None else args.epochs),
+        engine=replace(job.engine, device=args.device, quiet=True),
     )
-    poisoned = torch.nonzero(plan.poisoned).flatten()
-    stamped = trigger.apply(source.train.images[poisoned], poisoned)
-    changed_in_training = (stamped != source.train.images[poisoned]).flatten(1).any(1)
+
+
+def train_model(job, run) -> tuple[dict, torch.nn.Module]:
+    """Train the job's backdoored model in a scratch directory: its summary and the model."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "run"
+        summary = training.train_backdoor(str(out), job.model, job.data, job.attack, job.train, job.engine, True)
+        return summary, run.load_model(str(out / "model.safetensors"))
+
+
+def test_set_facts(run, model: torch.nn.Module) -> dict:
+    """Clean accuracy per class, and where the trigger changes a poisoned test image at all."""
+    tests = run.tests
+    labels = tests.clean.labels
+    clean_pred = predict(model, tests.clean.images, tests.mean, tests.std, PREDICT_BATCH).argmax(1)
+    hit = predict(model, tests.poisoned.images, tests.mean, tests.std, PREDICT_BATCH).argmax(1) == tests.poison_targets
+    changed = (tests.poisoned.images != tests.clean.images[tests.reference_mask]).flatten(1).any(1)
     return {
-        "attack": attack,
-        "attack_param": params,
-        "clean_acc": summary["clean_acc"],
-        "asr": summary["asr"],
-        "clean_acc_per_class": [(clean_pred[labels == c] == c).float().mean().item() for c in range(10)],
+        "clean_acc_per_class": [(clean_pred[labels == c] == c).float().mean().item() for c in range(run.num_classes)],
         "share_changed_by_trigger": changed.float().mean().item(),
         "asr_where_changed": hit[changed].float().mean().item() if changed.any() else None,
+    }
+
+
+def share_of_training_images_changed(run) -> float:
+    """Of the training images the attack poisons, the share its trigger actually changes."""
+    poisoned = torch.nonzero(training.poisoning_plan(run, run.attack).poisoned).flatten()
+    originals = run.source.train.images[poisoned]
+    return (run.trigger.apply(originals, poisoned) != originals).flatten(1).any(1).float().mean().item()
+
+
+def diagnose(job, run) -> dict:
+    summary, model = train_model(job, run)
+    facts = test_set_facts(run, model)
+    return {
+        "attack": job.attack.attack,
+        "attack_param": job.attack.attack_param,
+        "clean_acc": summary["clean_acc"],
+        "asr": summary["asr"],
+        **facts,
         "poisoned_training_images": summary["poisoned_images"],
-        "share_of_them_changed_by_trigger": changed_in_training.float().mean().item(),
+        "share_of_them_changed_by_trigger": share_of_training_images_changed(run),
         **({"label_consistent": summary["label_consistent"]} if "label_consistent" in summary else {}),
     }
 
 
+def one_line(text: str, entry: dict) -> str:
+    per_class = " ".join(f"{a:.2f}" for a in entry["clean_acc_per_class"])
+    return (
+        f"{text:14s} clean {entry['clean_acc']:.3f} ASR {entry['asr']:.3f} "
+        f"changed {entry['share_changed_by_trigger']:.2f} per class [{per_class}]"
+    )
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _harness.parser(__doc__, device="cpu")
     parser.add_argument("--variant", action="append", help="ATTACK[:KEY=VALUE,...] (repeatable; default: a set)")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--epochs", type=_harness.positive, help="training epochs (default: the table's, 20)")
+    parser.add_argument("--width", type=float, help="model width (default: the table's, 0.25)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args()
-    source = load_source("digits")
+    variants = args.variant or DEFAULT_VARIANTS
+    jobs = [variant_job(text, args) for text in variants]  # every variant checked before any training
     results = []
-    for text in args.variant or DEFAULT_VARIANTS:
-        entry = diagnose(*parse_variant(text), source, args)
-        per_class = " ".join(f"{a:.2f}" for a in entry["clean_acc_per_class"])
-        print(
-            f"{text:14s} clean {entry['clean_acc']:.3f} ASR {entry['asr']:.3f} "
-            f"changed {entry['share_changed_by_trigger']:.2f} per class [{per_class}]",
-            flush=True,
-        )
-        results.append(entry)
-    if args.out:
-        setup = {"dataset": "digits", "arch": "resnet18", "width": args.width, "epochs": args.epochs, "seed": args.seed}
-        print(
-            f"saved {save_result({**provenance(torch.device('cpu')), 'setup': setup, 'variants': results}, args.out)}"
-        )
+    for text, job in zip(variants, jobs, strict=True):
+        run = resolve_run(job.model, job.data, job.attack, job.engine)
+        results.append(diagnose(job, run))
+        print(one_line(text, results[-1]), flush=True)
+    setup = {"dataset": job.data.dataset, "arch": job.model.arch, "width": job.model.width}
+    setup.update(epochs=job.train.epochs, seed=args.seed)
+    _harness.write_result({"setup": setup, "variants": results}, args.out, run.device)
 
 
 if __name__ == "__main__":
-    run_script(main, Path(__file__).name)
+    _harness.run(main)

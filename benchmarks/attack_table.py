@@ -12,18 +12,11 @@ clean accuracy within 0.03 of the baseline. Prints the Markdown rows; writes the
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import _harness
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
-
-from rnp_fast.attacks import CLEAN_LABEL_ATTACKS  # noqa: E402
-from rnp_fast.bench import provenance, save_result  # noqa: E402
-from rnp_fast.errors import UserError, run_script  # noqa: E402
-from rnp_fast.sweep.store import open_existing  # noqa: E402
+from rnp_fast.attacks import CLEAN_LABEL_ATTACKS
+from rnp_fast.errors import UserError
+from rnp_fast.sweep.store import open_existing
 
 ASR_TARGET = {"all2one": 0.90, "clean-label": 0.80}
 CLEAN_TOLERANCE = 0.03
@@ -89,26 +82,23 @@ def markdown(entries: list[dict], baseline: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _harness.parser(__doc__)
     parser.add_argument("attacks", help="store of the attack sweep (digits_attacks.yaml)")
     parser.add_argument("baseline", help="store of the clean-baseline sweep (digits_clean_baseline.yaml)")
-    parser.add_argument("--out", help="JSON file for the table and its checks")
     args = parser.parse_args()
     baseline = baseline_clean_accuracy(finished_rows(args.baseline), args.baseline)
     rows = finished_rows(args.attacks)
     entries = sorted((attack_entry(row, baseline) for row in rows), key=lambda e: e["attack"])
     print(markdown(entries, baseline))
-    if args.out:
-        result = {
-            **provenance(torch.device("cpu")),
-            "setup": {name: part for name, part in rows[0]["config"].items() if name != "attack"},
-            "baseline_clean_acc": baseline,
-            "clean_tolerance": CLEAN_TOLERANCE,
-            "attacks": entries,
-            "all_targets_met": all(e["meets_asr_target"] and e["meets_clean_target"] for e in entries),
-        }
-        print(f"saved {save_result(result, args.out)}")
+    result = {
+        "setup": {name: part for name, part in rows[0]["config"].items() if name != "attack"},
+        "baseline_clean_acc": baseline,
+        "clean_tolerance": CLEAN_TOLERANCE,
+        "attacks": entries,
+        "all_targets_met": all(e["meets_asr_target"] and e["meets_clean_target"] for e in entries),
+    }
+    _harness.write_result(result, args.out)  # the table is computed on the CPU, from the stores
 
 
 if __name__ == "__main__":
-    run_script(main, Path(__file__).name)
+    _harness.run(main)

@@ -2,65 +2,56 @@
 
 Times the demo model's eval-mode forward per image at several batch sizes, NCHW against
 channels_last, and its training step (forward + backward, batch 32) in both layouts; medians of
-``--repeats`` passes over 1,024 random images, JSON with the device, versions, date and command:
+``--repeats`` passes over ``--images`` random images (1,024), JSON with the device, versions, date
+and command:
 
     python benchmarks/bench_layout.py --out benchmarks/results/layout_demo_cpu.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-
+import _harness
 import torch
 import torch.nn.functional as F
 
-from rnp_fast.bench import provenance, save_result
-from rnp_fast.demo import DEMO_MODEL
-from rnp_fast.models import build_model
-
 BATCHES = (32, 64, 128, 256, 512)
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+TRAIN_BATCH = 32
+TRAIN_REPEATS = 5  # per --repeats: one step is short, so it gets more samples
 
 
-def median_seconds(function, repeats: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def eval_ms_per_image(model: torch.nn.Module, images: torch.Tensor, layout, repeats: int) -> dict[int, float]:
+    """Milliseconds per image of an eval-mode pass over ``images``, per batch size."""
+    model.eval()
+    per_batch = {}
+    with torch.no_grad():
+        for size in BATCHES:
+            batches = [x.contiguous(memory_format=layout) for x in images.split(size)]
+            seconds = _harness.median_seconds(lambda xs=batches: [model(x) for x in xs], repeats)
+            per_batch[size] = 1e3 * seconds / len(images)
+    return per_batch
+
+
+def train_step_ms(model: torch.nn.Module, images: torch.Tensor, layout, repeats: int) -> float:
+    model.train()
+    x = images[:TRAIN_BATCH].contiguous(memory_format=layout)
+    labels = torch.randint(0, 10, (len(x),))
+    return 1e3 * _harness.median_seconds(lambda: F.cross_entropy(model(x), labels).backward(), repeats * TRAIN_REPEATS)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", help="save the result as JSON here")
+    parser = _harness.parser(__doc__, repeats=3)
+    parser.add_argument("--images", type=_harness.positive, default=1024, help="random images per pass")
     args = parser.parse_args()
-    images = torch.randn(1024, 3, 32, 32)
-    labels = torch.randint(0, 10, (32,))
-    result = {"benchmark": "CPU layout and evaluation batch (demo model)", **provenance(torch.device("cpu"))}
+    _, run = _harness.demo_run(device="cpu")
+    images = torch.randn(args.images, *run.source.image_shape)
+    result = {"benchmark": "CPU layout and evaluation batch (demo model)"}
     for name, layout in LAYOUTS.items():
-        model = build_model(DEMO_MODEL.arch, 10, DEMO_MODEL.width).to(memory_format=layout)
-        batches = {b: [x.contiguous(memory_format=layout) for x in images.split(b)] for b in BATCHES}
-        with torch.no_grad():
-            model.eval()
-            result[f"eval_ms_per_image_{name}"] = {
-                b: 1e3 * median_seconds(lambda xs=xs, model=model: [model(x) for x in xs], args.repeats) / len(images)
-                for b, xs in batches.items()
-            }
-        model.train()
-        x = images[:32].contiguous(memory_format=layout)
-        result[f"train_step_ms_{name}"] = 1e3 * median_seconds(
-            lambda x=x, model=model: F.cross_entropy(model(x), labels).backward(), args.repeats * 5
-        )
-    print(json.dumps(result, indent=2))
-    if args.out:
-        save_result(result, args.out)
+        model = run.new_model().to(memory_format=layout)  # speed does not depend on the weights
+        result[f"eval_ms_per_image_{name}"] = eval_ms_per_image(model, images, layout, args.repeats)
+        result[f"train_step_ms_{name}"] = train_step_ms(model, images, layout, args.repeats)
+    _harness.write_result(result, args.out, run.device, echo=True)
 
 
 if __name__ == "__main__":
-    main()
+    _harness.run(main)

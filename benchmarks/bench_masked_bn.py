@@ -1,60 +1,151 @@
-"""Masked BatchNorm benchmarks: eager reference, torch.compile'd reference and the Triton kernel.
+"""The fused masked-BatchNorm operator timed where it matters: in the whole recover step, and alone.
 
-Shapes: every BatchNorm of CIFAR ResNet-18, (C, H, W) = (64, 32, 32), (128, 16, 16), (256, 8, 8),
-(512, 4, 4), at batch 128 (the RNP batch) and 512. Setting: the recover stage, i.e. training mode
-(batch statistics, running statistics updated), bf16 channels_last activations, fp32 parameters
-and running statistics (AMP), gradients for x and the mask only (gamma and beta are frozen).
-Passes: forward, backward (the forward graph built untimed before each round), both.
+``--write-auto-table`` decides where ``--bn-kernel auto`` takes the operator. Per case (--arch at
+--width, every --batch of --image-size images, every --amp) it builds the masked model as the
+recover stage does and times the recover step: forward + alpha * CE, backward, the SGD step and
+the mask clamp, with every masked BatchNorm in PyTorch (``choose_bn_kernels`` "torch") and with the
+fused operator ("triton"), under the same engine settings (--compile, --cuda-graphs,
+--channels-last). An isolated BatchNorm timing does not decide: Inductor fuses PyTorch's BatchNorm
+with its neighbours, the operator is opaque to it, so only the whole step tells which is faster.
+The two steps are timed in turn, round after round, so drifting clocks or temperature hit both
+alike; medians after --warmup rounds (compilation, capture, cuDNN autotuning) go to the table
+(``kernels/auto_table.json``, or --table) with their winner, the device, versions and date.
 
-GB/s counts the minimal DRAM traffic of the activations, the same for every provider so it
-compares like with like: forward reads x and writes y (2 tensors), backward reads dy and x and
-writes dx (3), both 5. Per-channel vectors are negligible.
+``--micro`` (the default on CUDA) times the operator alone against PyTorch eager (the reference)
+and torch.compile'd PyTorch, forward and forward + backward, at the input shape of every masked
+BatchNorm of the same model (CIFAR ResNet-18 at batch 128: (64, 32, 32), (128, 16, 16), (256, 8,
+8), (512, 4, 4)), in bf16 and fp32: the recover setting, i.e. training mode (batch statistics,
+running statistics updated), fp32 parameters and statistics, gradients for x and the mask only.
+GB/s counts the activations' minimal DRAM traffic, the same for every provider: the forward reads
+x and writes y (2 tensors), forward + backward also reads dy and x and writes dx (5 in all).
 
-warmup_s is the time of a case's first call. Compilation (Inductor for "compiled", Triton's JIT
-for "triton") is cached per shape, so it lands in the first pass measured for each shape.
+On the CPU the operator is its PyTorch implementation: the code path is the same (the tests run
+it), the numbers mean nothing, so a CPU run never writes the package's table. Examples:
 
-GPU only. As a pytest-benchmark suite (skipped without CUDA):
-    pytest benchmarks/bench_masked_bn.py --benchmark-columns=median,iqr,rounds
-Standalone, writing medians and ratios to JSON with the device, versions, date and command:
-    python benchmarks/bench_masked_bn.py --out benchmarks/results/masked_bn_h100.json
+    python benchmarks/bench_masked_bn.py --write-auto-table --out benchmarks/results/masked_bn_<device>.json
+    python benchmarks/bench_masked_bn.py --device cpu --write-auto-table --table /tmp/table.json \\
+        --width 0.125 --batch 8 --image-size 8 --repeats 2 --warmup 1
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
-import json
-import statistics
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import pytest
+import _harness
 import torch
 
-from rnp_fast.bench import provenance
-from rnp_fast.kernels.reference import masked_batch_norm_reference
+from rnp_fast.config import RNPConfig
+from rnp_fast.device import describe_device, resolve_device
+from rnp_fast.engine import AMP_DTYPES, EngineSettings, apply_engine, configure_backends, sgd, use_persistent_cache
+from rnp_fast.errors import UserError
+from rnp_fast.kernels import auto_table, masked_batch_norm_reference, triton_available
+from rnp_fast.masked_bn import MaskedBatchNorm2d, mask_clamp, masked_batchnorm_layers
+from rnp_fast.models import ARCHITECTURES, build_model
+from rnp_fast.provenance import provenance
+from rnp_fast.recover import prepare_masked_model
+from rnp_fast.steps import make_step, raise_recompile_limit, recover_recipe
 
-SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]  # (C, H, W)
-BATCHES = [128, 512]
-PASSES = ["fwd", "bwd", "fwd+bwd"]
-PROVIDERS = ["eager", "compiled", "triton"]
+KERNELS = {"torch": "torch", "fused": "triton"}  # the table's name -> choose_bn_kernels' kernel
+PROVIDERS = ("eager", "compiled", "fused")
+PASSES = ("fwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TENSORS_MOVED = {"fwd": 2, "fwd+bwd": 5}  # activation-sized reads + writes (see above)
 MOMENTUM, EPS = 0.1, 1e-5
-TENSORS_MOVED = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}  # activation-sized reads + writes (see above)
-WARMUP_CALLS = 3  # the first call compiles (Inductor or Triton); the rest settle caches and clocks
-
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
 
 
-def make_inputs(batch: int, c: int, h: int, w: int, device: str = "cuda") -> dict[str, torch.Tensor]:
-    """bf16 channels_last x and dy; fp32 gamma, beta, mask (in [0, 1]) and running statistics."""
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn((batch, c, h, w), generator=g, device=device, dtype=torch.bfloat16)
-    x = x.to(memory_format=torch.channels_last).requires_grad_(True)
-    vec = {"generator": g, "device": device}
+# ----------------------------------------------------------------------------------------------
+# The recover step, with and without the fused operator: the auto table
+# ----------------------------------------------------------------------------------------------
+
+
+def recover_step(args, device: torch.device, engine: EngineSettings, images: torch.Tensor):
+    """(masked model, its recover step) as `rnp_fast.recover.recover` sets them up, from seed 0
+    weights (the same for both kernels; their values do not change the step's work)."""
+    torch.manual_seed(0)
+    unlearned = build_model(args.arch, args.num_classes, args.width).to(device)
+    masked = build_model(args.arch, args.num_classes, args.width, MaskedBatchNorm2d).to(device).train()
+    masks = prepare_masked_model(masked, unlearned)  # only the masks train
+    apply_engine(masked, engine, images)
+    rnp = RNPConfig()
+    optimizer = sgd(masks, device, lr=rnp.recovering_lr, momentum=rnp.momentum)
+    step = make_step(masked, optimizer, recover_recipe(rnp.alpha), engine, len(images), mask_clamp(masks, engine))
+    return masked, step
+
+
+def measure_case(args, device: torch.device, batch: int, amp: str) -> tuple[dict, dict]:
+    """One case of the table, and both kernels' timings: their recover steps on one random batch, in turn."""
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (batch, 3, args.image_size, args.image_size)
+    images = torch.randn(shape, generator=generator, device=device)
+    labels = torch.randint(0, args.num_classes, (batch,), generator=generator, device=device)
+    settings = {"compile": args.compile, "cuda_graphs": args.cuda_graphs, "channels_last": args.channels_last}
+    steps, model = {}, None
+    for name, kernel in KERNELS.items():
+        engine = EngineSettings(amp=AMP_DTYPES[amp], bn_kernel=kernel, **settings)
+        model, steps[name] = recover_step(args, device, engine, images)
+    timings = time_in_turn(steps, images, labels, device, args.repeats, args.warmup)
+    medians = {name: timing["median_s"] * 1e3 for name, timing in timings.items()}
+    key = auto_table.case_key(describe_device(device), model, shape, AMP_DTYPES[amp])
+    case = {"key": key, "arch": args.arch, "width": args.width, "shape": list(shape), "amp": amp, **settings}
+    case.update({f"{name}_ms": ms for name, ms in medians.items()})
+    case.update({f"{name}_warmup_s": timing["warmup_s"] for name, timing in timings.items()})
+    return {**case, **_harness.ratios(medians, "torch"), "repeats": args.repeats, "warmup": args.warmup}, timings
+
+
+def time_in_turn(steps: dict, images, labels, device: torch.device, repeats: int, warmup: int) -> dict:
+    """Each step once per round, ``warmup`` rounds then ``repeats`` timed ones (see `_harness.timing`)."""
+    samples = {name: [] for name in steps}
+    for _ in range(warmup + repeats):
+        for name, step in steps.items():
+            samples[name].append(_harness.seconds(functools.partial(step, images, labels), device))
+    return {name: _harness.timing(seconds, warmup) for name, seconds in samples.items()}
+
+
+def write_auto_table(args, device: torch.device) -> list[dict]:
+    """Measure every case, write the table (merged with the cases already in it), return the runs."""
+    cases, runs = [], []
+    for batch, amp in itertools.product(args.batch, args.amp):
+        case, timings = measure_case(args, device, batch, amp)
+        cases.append(case)
+        runs.append({**case, "timings": timings})
+        print(f"{case['key']}: torch {case['torch_ms']:.3f} ms, fused {case['fused_ms']:.3f} ms")
+    path = auto_table.write_table(cases, provenance(device), args.table)
+    print(f"wrote {path}")
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# The operator alone: micro-benchmark
+# ----------------------------------------------------------------------------------------------
+
+
+def bn_shapes(args, device: torch.device) -> list[tuple[int, ...]]:
+    """The input shape of every masked BatchNorm of the model at each --batch, each shape once."""
+    model = build_model(args.arch, args.num_classes, args.width, MaskedBatchNorm2d).to(device).eval()
+    shapes: list[tuple[int, ...]] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda _, inputs: shapes.append(tuple(inputs[0].shape)))
+        for _, layer in masked_batchnorm_layers(model)
+    ]
+    with torch.no_grad():
+        for batch in args.batch:
+            model(torch.zeros(batch, 3, args.image_size, args.image_size, device=device))
+    for hook in hooks:
+        hook.remove()
+    return list(dict.fromkeys(shapes))
+
+
+def make_inputs(shape, dtype: torch.dtype, channels_last: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    """x and dy in ``dtype``; fp32 gamma and beta (frozen), mask in [0, 1] and running statistics."""
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    c, vec = shape[1], {"generator": g, "device": device}
     return {
-        "x": x,
+        "x": x.requires_grad_(True),
         "weight": torch.randn(c, **vec),
         "bias": torch.randn(c, **vec),
         "mask": torch.rand(c, **vec).requires_grad_(True),
@@ -64,218 +155,117 @@ def make_inputs(batch: int, c: int, h: int, w: int, device: str = "cuda") -> dic
     }
 
 
-def provider_fn(provider: str) -> Callable[..., torch.Tensor]:
+@functools.cache
+def provider_fn(provider: str):
+    """The masked BatchNorm of ``provider`` (one compiled reference per process: each shape compiles once)."""
     if provider == "eager":
         return masked_batch_norm_reference
     if provider == "compiled":
-        return _compiled_reference()
-    if provider == "triton":
-        from rnp_fast.kernels.masked_bn import masked_batch_norm  # needs triton; imported on use
+        raise_recompile_limit()  # a static-shape version per shape, dtype and pass
+        return torch.compile(masked_batch_norm_reference, fullgraph=True, dynamic=False)
+    from rnp_fast.kernels.ops import masked_batch_norm
 
-        return masked_batch_norm
-    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
-
-
-_COMPILED: list[Callable[..., torch.Tensor]] = []
+    return masked_batch_norm
 
 
-def _compiled_reference() -> Callable[..., torch.Tensor]:
-    """One compiled reference per process; static shapes, each shape compiled once."""
-    if not _COMPILED:
-        # 8 shapes x 2 grad modes exceed Dynamo's default of 8 compiled versions per function
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, 64)
-        _COMPILED.append(torch.compile(masked_batch_norm_reference, fullgraph=True, dynamic=False))
-    return _COMPILED[0]
-
-
-def make_step(provider: str, pass_: str, inputs: dict[str, torch.Tensor], relu: bool = False):
-    """(setup, run): setup() -> (args, kwargs) is untimed, run(*args) is the timed work."""
+def pass_fn(provider: str, pass_: str, inputs: dict[str, torch.Tensor]):
+    """The timed work: the forward, or the forward and the gradients of x and the mask."""
     fn = provider_fn(provider)
-    tensors = [inputs[k] for k in ("x", "weight", "bias", "mask", "running_mean", "running_var")]
-    leaves = [inputs["x"], inputs["mask"]]
+    names = ("x", "weight", "bias", "mask", "running_mean", "running_var")
 
     def forward():
-        return fn(*tensors, training=True, momentum=MOMENTUM, eps=EPS, relu=relu)
-
-    def backward(y):
-        return torch.autograd.grad(y, leaves, inputs["dy"])
+        return fn(*(inputs[name] for name in names), True, MOMENTUM, EPS)
 
     if pass_ == "fwd":
-        return (lambda: ((), {})), forward
-    if pass_ == "bwd":
-        return (lambda: ((forward(),), {})), backward
-    if pass_ == "fwd+bwd":
-        return (lambda: ((), {})), lambda: backward(forward())
-    raise ValueError(f"unknown pass {pass_!r}; expected one of {PASSES}")
+        return forward
+    return lambda: torch.autograd.grad(forward(), (inputs["x"], inputs["mask"]), inputs["dy"])
 
 
-def warm_up(setup, run) -> float:
-    """Seconds taken by the first call (compilation included); WARMUP_CALLS calls in all, untimed."""
-    seconds = []
-    for _ in range(WARMUP_CALLS):
-        args, kwargs = setup()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run(*args, **kwargs)
-        torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return seconds[0]
+def micro_benchmark(args, device: torch.device) -> list[dict]:
+    """Per BatchNorm shape, dtype and pass: a row per provider, then the ratios to eager."""
+    rows = []
+    for shape, dtype, pass_ in itertools.product(bn_shapes(args, device), args.dtypes, args.passes):
+        inputs = make_inputs(shape, DTYPES[dtype], args.channels_last, device)
+        case = {"shape": list(shape), "dtype": dtype, "pass": pass_}
+        medians = {}
+        for provider in args.providers:
+            row = micro_case(args, device, inputs, pass_, provider)
+            rows.append({**case, **row})
+            medians[provider] = row["median_ms"]
+            print(f"{'x'.join(map(str, shape))} {dtype} {pass_:7s} {provider:8s} {row['median_ms']:.4f} ms")
+        rows.append({**case, **_harness.ratios(medians, "eager")})
+    return rows
 
 
-def bytes_moved(pass_: str, inputs: dict[str, torch.Tensor]) -> int:
-    x = inputs["x"]
-    return TENSORS_MOVED[pass_] * x.numel() * x.element_size()
-
-
-# ----------------------------------------------------------------------------------------------
-# pytest-benchmark suite
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("batch", BATCHES)
-def test_masked_bn(benchmark, batch, shape, pass_, provider):
-    if provider == "triton":
-        pytest.importorskip("triton")
-    inputs = make_inputs(batch, *shape)
-    setup, run = make_step(provider, pass_, inputs)
-    warmup_s = warm_up(setup, run)
-
-    def synced_setup():
-        args = setup()
-        torch.cuda.synchronize()  # the forward of a "bwd" round stays out of the timed region
-        return args
-
-    def synced_run(*args):
-        run(*args)
-        torch.cuda.synchronize()
-
-    benchmark.group = f"masked_bn {pass_} N={batch} C,H,W={shape}"
-    benchmark.pedantic(synced_run, setup=synced_setup, rounds=50, iterations=1)
-    benchmark.extra_info.update({"provider": provider, "pass": pass_, "warmup_s": warmup_s, "dtype": "bfloat16"})
-    if benchmark.stats:  # None under --benchmark-disable
-        benchmark.extra_info["gb_per_s"] = bytes_moved(pass_, inputs) / benchmark.stats["median"] / 1e9
+def micro_case(args, device: torch.device, inputs: dict[str, torch.Tensor], pass_: str, provider: str) -> dict:
+    timing = _harness.measure(pass_fn(provider, pass_, inputs), args.repeats, device, args.warmup)
+    moved = TENSORS_MOVED[pass_] * inputs["x"].numel() * inputs["x"].element_size()
+    gbps = moved / timing["median_s"] / 1e9
+    return {"provider": provider, **timing, "median_ms": timing["median_s"] * 1e3, "gb_per_s": gbps}
 
 
 # ----------------------------------------------------------------------------------------------
-# Standalone: JSON results
+# Command line
 # ----------------------------------------------------------------------------------------------
 
 
-def median_ms(setup, run, reps: int) -> float:
-    """Median over reps of CUDA-event time around run() alone."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        args, kwargs = setup()
-        start.record()
-        run(*args, **kwargs)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def measure(batch: int, shape: tuple[int, int, int], pass_: str, provider: str, reps: int, relu: bool) -> dict:
-    inputs = make_inputs(batch, *shape)
-    setup, run = make_step(provider, pass_, inputs, relu=relu)
-    warmup_s = warm_up(setup, run)
-    ms = median_ms(setup, run, reps)
-    row = {"batch": batch, "C": shape[0], "H": shape[1], "W": shape[2], "pass": pass_, "provider": provider}
-    gbps = bytes_moved(pass_, inputs) / (ms * 1e-3) / 1e9
-    return {**row, "median_ms": ms, "gb_per_s": gbps, "warmup_s": warmup_s}
-
-
-def ratios(results: list[dict]) -> list[dict]:
-    """Per (batch, shape, pass): baseline time / Triton time (> 1 means Triton is faster)."""
-    by_key: dict[tuple, dict[str, float]] = {}
-    for r in results:
-        by_key.setdefault((r["batch"], r["C"], r["H"], r["W"], r["pass"]), {})[r["provider"]] = r["median_ms"]
-    out = []
-    for (batch, c, h, w, pass_), ms in by_key.items():
-        row = {"batch": batch, "C": c, "H": h, "W": w, "pass": pass_}
-        if "triton" in ms:
-            row.update({f"{p}_over_triton": ms[p] / ms["triton"] for p in ms if p != "triton"})
-        out.append(row)
-    return out
-
-
-def environment() -> dict:
-    return provenance(torch.device("cuda"), " ".join([Path(sys.executable).name, *sys.argv]))
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default: results/masked_bn_<device>.json)")
-    p.add_argument("--batches", type=int, nargs="+", default=BATCHES, help="batch sizes")
-    p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
-    p.add_argument("--passes", nargs="+", default=PASSES, choices=PASSES)
-    p.add_argument("--reps", type=int, default=100, help="timed repetitions per case (median reported)")
-    p.add_argument("--relu", action="store_true", help="fuse a ReLU after the BatchNorm")
-    p.add_argument(
-        "--write-auto-table",
-        action="store_true",
-        help="also write kernels/auto_table.json: the shapes where Triton beats both baselines (--bn-kernel auto)",
-    )
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _harness.parser(__doc__, device="cuda", repeats=50)
+    p.add_argument("--warmup", type=_harness.positive, default=3, help="untimed rounds first (compilation)")
+    p.add_argument("--arch", default="resnet18", choices=list(ARCHITECTURES))
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier of the model")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--batch", type=_harness.positive, nargs="+", default=[128], help="batch sizes (images)")
+    p.add_argument("--image-size", type=_harness.positive, default=32, help="image height = width (pixels)")
+    p.add_argument("--amp", nargs="+", choices=["bf16", "off"], help="recover step precision (default: the device's)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the recover steps")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the recover steps as CUDA graphs")
+    p.add_argument("--write-auto-table", action="store_true", help="time the recover steps, write the table")
+    p.add_argument("--table", type=Path, default=auto_table.TABLE, help="the table to write (default: %(default)s)")
+    p.add_argument("--micro", action=argparse.BooleanOptionalAction, help="the operator alone (default: on CUDA)")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     return p.parse_args(argv)
 
 
-def auto_table(results: list[dict], env: dict) -> dict:
-    """Per BatchNorm shape, the provider with the lowest forward+backward median at the largest batch
-    measured; `--bn-kernel auto` uses the kernel only where this says triton."""
-    both = [r for r in results if r["pass"] == "both"]
-    batch = max(r["batch"] for r in both)
-    best: dict[tuple[int, int, int], dict] = {}
-    for r in (r for r in both if r["batch"] == batch):
-        key = (r["C"], r["H"], r["W"])
-        if key not in best or r["median_ms"] < best[key]["median_ms"]:
-            best[key] = r
-    winners = [
-        {
-            "channels": c,
-            "height": h,
-            "width": w,
-            "dtype": "bfloat16",
-            "provider": "triton" if r["provider"] == "triton" else "torch",
-        }
-        for (c, h, w), r in sorted(best.items())
-    ]
-    return {"measured_on": env["device"], "date": env["date"], "batch": batch, "winners": winners}
+def settle(args: argparse.Namespace) -> torch.device:
+    """The device, with the device-dependent defaults filled in and what cannot run refused."""
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    args.amp = args.amp or (["bf16"] if cuda else ["off"])  # the engine's defaults
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    args.micro = cuda if args.micro is None else args.micro
+    if not (args.micro or args.write_auto_table):
+        raise UserError("nothing to measure: pass --write-auto-table or --micro")
+    if args.cuda_graphs and not cuda:
+        raise UserError("--cuda-graphs needs a CUDA device")
+    if cuda and not triton_available():
+        raise UserError("the fused operator needs Triton on CUDA: pip install 'rnp-fast[triton]'")
+    if args.write_auto_table and not cuda and args.table.resolve() == auto_table.TABLE.resolve():
+        raise UserError(
+            "CPU timings of the operator's PyTorch implementation do not belong in the package's table: "
+            "pass --table PATH"
+        )
+    if not args.width > 0:
+        raise UserError(f"--width must be > 0, got {args.width}")
+    return device
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_masked_bn: needs a CUDA device", file=sys.stderr)
-        return 2
-    env = environment()
-    device_slug = env["device"].lower().replace("nvidia ", "").replace(" ", "_")
-    out = args.out or Path(__file__).parent / "results" / f"masked_bn_{device_slug}.json"
-    results = []
-    for batch, shape, pass_, provider in itertools.product(args.batches, SHAPES, args.passes, args.providers):
-        r = measure(batch, shape, pass_, provider, args.reps, args.relu)
-        results.append(r)
-        print(f"N={batch} {shape} {pass_:8s} {provider:9s} {r['median_ms']:.4f} ms {r['gb_per_s']:.0f} GB/s")
-    config = {
-        "dtype": "bfloat16",
-        "layout": "channels_last",
-        "training": True,
-        "relu": args.relu,
-        "reps": args.reps,
-    }
-    report = {**env, "config": config, "results": results, "ratios": ratios(results)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
-    if args.write_auto_table and "both" in args.passes:
-        table = Path(__file__).resolve().parents[1] / "kernels" / "auto_table.json"
-        table.write_text(json.dumps(auto_table(results, env), indent=2) + "\n")
-        print(f"wrote {table}")
-    return 0
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = settle(args)
+    configure_backends(EngineSettings(), device)  # cuDNN autotuning on CUDA, as every run has it
+    if args.compile:
+        use_persistent_cache()
+    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    if args.micro:
+        result["micro"] = micro_benchmark(args, device)
+    if args.write_auto_table:
+        result["recover_steps"] = write_auto_table(args, device)
+    _harness.write_result(result, args.out, device)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _harness.run(main)

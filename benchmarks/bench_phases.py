@@ -1,106 +1,125 @@
-"""pytest-benchmark suites for the pipeline's phases, built from the same pieces `rnp-fast bench` runs.
+"""The demo defense phase by phase: each phase timed on its own, the fast way against the reference's.
 
-Each case times one phase on the demo model and data, on CUDA when present (else the CPU), with the
-fast engine's settings for that device (`resolve_engine`), against the reference mode's way:
+Built from the same pieces `rnp-fast defend` runs (the resolved run, the RNP stages, the scoring),
+on the demo model and data, with the fast engine's settings for the device (``--device``):
 
-- an unlearning epoch: device-resident loader vs the reference's DataLoader;
-- a recovering epoch: masked BatchNorm in PyTorch vs the Triton kernel (CUDA only);
-- the pruning sweep over the 19 default thresholds: batched vs sequential vs reference mode;
-- one per-epoch evaluation of both test sets: device-resident vs the reference's DataLoader.
+- an unlearning epoch: the device-resident loader and engine vs the reference mode's DataLoader;
+- a recovering epoch: masked BatchNorm in PyTorch vs the fused Triton kernel (CUDA only);
+- one per-epoch evaluation of both test sets: device-resident vs the reference's DataLoader;
+- scoring the 19 default thresholds: batched vs sequential vs reference mode.
 
-    pytest benchmarks/bench_phases.py --benchmark-columns=median,iqr,rounds
-    pytest benchmarks/bench_phases.py --benchmark-json=benchmarks/results/phases_<device>.json
+Epochs come from the stages' own per-epoch timings (the first epoch, which compiles or captures
+the step, is the warm-up); evaluation and scoring are timed calls after one warm-up call. Medians
+and ratios go to JSON with the device, versions, date and command:
+
+    python benchmarks/bench_phases.py --device cuda --out benchmarks/results/phases_<device>.json
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
+import sys
+from dataclasses import replace
 
-import pytest
-import torch
-from bench_sweep import random_masks  # benchmarks/ is on sys.path: pytest and scripts put it there
+import _harness
+from bench_sweep import PROVIDERS, random_masks, scorer, threshold_steps
 
-from rnp_fast.attacks import build_trigger
-from rnp_fast.checkpoint import load_model_weights
-from rnp_fast.config import DataConfig, EngineConfig, RNPConfig
-from rnp_fast.data import defense_data, training_loader
-from rnp_fast.demo import DEMO_DATA, DEMO_MODEL, DEMO_RNP, demo_checkpoint
-from rnp_fast.engine import EngineSettings, prepare_model, resolve_engine
-from rnp_fast.evaluate import build_test_sets
-from rnp_fast.loaders.sources import load_source
-from rnp_fast.loops import run_epoch
+from rnp_fast.data import defense_data
 from rnp_fast.masked_bn import MaskedBatchNorm2d
-from rnp_fast.models import build_model
-from rnp_fast.prune import rank_channels, threshold_schedule
-from rnp_fast.pruning_eval import SweepOptions, make_evaluator, score_steps
-from rnp_fast.recover import prepare_masked_model, recover_step
-from rnp_fast.unlearn import unlearn_step
+from rnp_fast.recover import recover
+from rnp_fast.unlearn import unlearn
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ROUNDS = dict(rounds=3, warmup_rounds=1, iterations=1)
+WARMUP_EPOCHS = 1
 
 
-@pytest.fixture(scope="module")
-def demo():
-    source = load_source("digits")
-    model = build_model(DEMO_MODEL.arch, source.num_classes, DEMO_MODEL.width)
-    model = load_model_weights(model, demo_checkpoint(), DEMO_MODEL.arch).to(DEVICE)
-    data = DataConfig(**DEMO_DATA)
-    trigger = build_trigger("badnets", image_size=32, channels=3)
-    tests = build_test_sets(source.test, trigger, "all2one", 0, 10, source.mean, source.std, DEVICE)
-    return source, model, data, defense_data(source, data).train, tests
+class Demo:
+    """What every phase works on: the demo's backdoored model, its defense images and its run."""
+
+    def __init__(self, device: str):
+        self.device = device  # as asked (auto, cpu, cuda): every variant resolves it the same way
+        job, self.run = _harness.demo_run(device=device)
+        self.model = self.run.load_model(job.model_path)
+        self.images = defense_data(self.run.source, job.data).train
+
+    def variant(self, **engine):
+        """The demo's job and run with these EngineConfig fields."""
+        return _harness.demo_run(device=self.device, **engine)
 
 
-def engine(mode: str) -> EngineSettings:
-    return resolve_engine(EngineConfig(device=DEVICE.type, mode=mode), DEVICE)
+def unlearn_epochs(demo: Demo, repeats: int) -> dict:
+    """Per mode: the unlearning stage run for the warm-up and ``repeats`` epochs (no early stop)."""
+    timings = {}
+    for mode in ("fast", "reference"):
+        job, run = demo.variant(mode=mode)
+        rnp = replace(job.rnp, unlearning_epochs=WARMUP_EPOCHS + repeats - 1, early_stop=False)
+        result = unlearn(demo.model, run.defense_loader(demo.images), rnp, engine=run.engine)
+        timings[mode] = epoch_timing([stats.seconds for stats in result.history])
+    return timings
 
 
-@pytest.mark.parametrize("mode", ["fast", "reference"])
-def test_unlearn_epoch(benchmark, demo, mode):
-    source, model, data, train, _ = demo
-    loader = training_loader(train, source, data, EngineConfig(mode=mode), DEVICE)
-    work = copy.deepcopy(model).train()
-    optimizer = torch.optim.SGD(work.parameters(), lr=DEMO_RNP["unlearning_lr"], momentum=0.9)
-    step = unlearn_step(work, optimizer, 0.0, engine(mode))
-    benchmark.pedantic(lambda: run_epoch(loader, step, loader.num_images, 0, 0.0), **ROUNDS)
+def recover_epochs(demo: Demo, repeats: int) -> dict:
+    """Per BatchNorm kernel: the recovering stage (masks on the backdoored weights), as many epochs."""
+    timings = {}
+    for kernel in ("torch", "triton") if demo.run.device.type == "cuda" else ("torch",):
+        job, run = demo.variant(bn_kernel=kernel)
+        rnp = replace(job.rnp, recovering_epochs=WARMUP_EPOCHS + repeats)
+        masked = run.new_model(MaskedBatchNorm2d)
+        result = recover(masked, demo.model, run.defense_loader(demo.images), rnp, engine=run.engine)
+        timings[kernel] = epoch_timing([stats.seconds for stats in result.history])
+    return timings
 
 
-@pytest.mark.parametrize("bn_kernel", ["torch", "triton"])
-def test_recover_epoch(benchmark, demo, bn_kernel):
-    if bn_kernel == "triton" and DEVICE.type != "cuda":
-        pytest.skip("the Triton kernel runs on CUDA")
-    source, model, data, train, _ = demo
-    loader = training_loader(train, source, data, EngineConfig(mode="fast"), DEVICE)
-    masked = build_model(DEMO_MODEL.arch, 10, DEMO_MODEL.width, MaskedBatchNorm2d).to(DEVICE)
-    masks = prepare_masked_model(masked, model)
-    optimizer = torch.optim.SGD(masks, lr=DEMO_RNP["recovering_lr"], momentum=0.9)
-    settings = dataclasses.replace(engine("fast"), bn_kernel=bn_kernel)
-    prepare_model(masked, settings)
-    step = recover_step(masked, optimizer, RNPConfig().alpha, settings)
-    benchmark.pedantic(lambda: run_epoch(loader, step, loader.num_images, 1, 0.0), **ROUNDS)
+def epoch_timing(seconds: list[float]) -> dict:
+    # A diverged unlearning epoch ends the stage early: time what ran, the warm-up apart if more did.
+    return _harness.timing(seconds, WARMUP_EPOCHS if len(seconds) > WARMUP_EPOCHS else 0)
 
 
-@pytest.mark.parametrize("provider", ["batched", "sequential", "reference"])
-def test_pruning_sweep(benchmark, demo, provider):
-    _, model, data, _, tests = demo
-    steps = threshold_schedule(rank_channels(random_masks(model)), 0.90, 0.05)
-    settings = engine("fast")
-    options = SweepOptions(
-        mode="reference" if provider == "reference" else "fast",
-        sweep_mode="sequential" if provider == "sequential" else "batched",
-        batch_size=settings.eval_rows or data.eval_batch_size,
-        amp=settings.amp,
-        channels_last=settings.eval_channels_last,
-    )
-    if provider == "reference":
-        options.batch_size, options.channels_last = data.eval_batch_size, False
-    benchmark.pedantic(lambda: score_steps(model, steps, tests, options), **ROUNDS)
+def evaluations(demo: Demo, repeats: int) -> dict:
+    """Per mode: one evaluation of both test sets (what --eval-every costs per epoch)."""
+    timings = {}
+    for mode in ("fast", "reference"):
+        evaluator = demo.variant(mode=mode)[1].evaluator()
+        timings[mode] = _harness.measure(lambda e=evaluator: e(demo.model), repeats, demo.run.device)
+    return timings
 
 
-@pytest.mark.parametrize("mode", ["fast", "reference"])
-def test_epoch_evaluation(benchmark, demo, mode):
-    _, model, data, _, tests = demo
-    settings = engine(mode)
-    evaluator = make_evaluator(mode, tests, settings.eval_rows or data.eval_batch_size, settings.eval_channels_last)
-    benchmark.pedantic(lambda: evaluator(model), **ROUNDS)
+def scorings(demo: Demo, repeats: int) -> dict:
+    """Per provider: every threshold of the default schedule scored, on seeded random masks."""
+    steps = threshold_steps(random_masks(demo.model))
+    score = {p: scorer(demo.model, steps, demo.run, p) for p in PROVIDERS}
+    return {p: _harness.measure(score[p], repeats, demo.run.device) for p in PROVIDERS}
+
+
+# phase: (its timings by variant, the variant the ratios are over)
+PHASES = {
+    "unlearn": (unlearn_epochs, "fast"),
+    "recover": (recover_epochs, "torch"),
+    "evaluation": (evaluations, "fast"),
+    "scoring": (scorings, "batched"),
+}
+
+
+def main() -> None:
+    parser = _harness.parser(__doc__, device="auto", repeats=3)
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma separated, of: {', '.join(PHASES)}")
+    args = parser.parse_args()
+    phases = [p for p in args.phases.split(",") if p]
+    if not phases or set(phases) - set(PHASES):
+        parser.error(f"--phases takes {', '.join(PHASES)}; got {args.phases!r}")
+    demo = Demo(args.device)
+    timed = {}
+    for phase in phases:
+        print(f"{phase} ...", file=sys.stderr)
+        timed[phase] = PHASES[phase][0](demo, args.repeats)
+    medians = {phase: {name: t["median_s"] for name, t in timings.items()} for phase, timings in timed.items()}
+    result = {
+        "benchmark": "demo defense phases",
+        "workload": "demo",
+        "repeats": args.repeats,
+        "phases": timed,
+        "ratios": {phase: _harness.ratios(medians[phase], PHASES[phase][1]) for phase in timed},
+    }
+    _harness.write_result(result, args.out, demo.run.device, echo=True)
+
+
+if __name__ == "__main__":
+    _harness.run(main)

@@ -19,128 +19,113 @@ device, versions, date and command:
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-import time
+from dataclasses import replace
 
+import _harness
 import torch
+from torch import nn
 
-from rnp_fast.attacks import build_trigger
-from rnp_fast.bench import provenance, save_result
-from rnp_fast.checkpoint import load_model_weights
-from rnp_fast.demo import DEMO_MODEL, demo_checkpoint
-from rnp_fast.device import resolve_device
-from rnp_fast.evaluate import build_test_sets
-from rnp_fast.loaders.sources import ImageSet, load_source
-from rnp_fast.models import build_model
-from rnp_fast.prune import Channel, rank_channels, threshold_schedule
-from rnp_fast.pruning_eval import SweepOptions, score_steps
+from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
+from rnp_fast.errors import UserError
+from rnp_fast.evaluation.scoring import ScoringOptions, score_steps
+from rnp_fast.loaders.sources import ImageSet
+from rnp_fast.loaders.synthetic import synthetic_cifar10_source
+from rnp_fast.prune import Channel, PruneStep, rank_channels, threshold_schedule
 from rnp_fast.report import read_mask_file
+from rnp_fast.resolved import ResolvedRun, resolve_run
+
+PROVIDERS = ("batched", "sequential", "reference")
+REFERENCE_BATCH = 512  # the reference's evaluation batch
 
 
-def workload(name: str, device: torch.device):
+def workload(name: str, **engine) -> tuple[ResolvedRun, nn.Module]:
+    """The run (device, test sets, engine: ``engine`` are EngineConfig fields) and the model whose
+    pruning candidates are scored, in eval mode."""
     if name == "demo":
-        source = load_source("digits")
-        model = load_model_weights(build_model("resnet18", 10, DEMO_MODEL.width), demo_checkpoint(), "resnet18")
-        test = source.test
-    else:
-        from rnp_fast.loaders.synthetic import synthetic_cifar10_source
-
-        source = synthetic_cifar10_source(train_images=1)
-        torch.manual_seed(0)
-        model = build_model("resnet18", 10)
-        labels = torch.arange(10_000) % 10  # exactly 9,000 non-target images for target 0
-        test = ImageSet(source.test.images, labels)
-    trigger = build_trigger("badnets", image_size=32, channels=3)
-    data = build_test_sets(test, trigger, "all2one", 0, 10, source.mean, source.std, device)
-    return model.to(device).eval(), data
+        job, run = _harness.demo_run(**engine)
+        return run, run.load_model(job.model_path).eval()
+    source = synthetic_cifar10_source(train_images=1)
+    labels = torch.arange(len(source.test)) % 10  # exactly 9,000 non-target images for target 0
+    source = replace(source, test=ImageSet(source.test.images, labels))
+    sections = ModelConfig("resnet18"), DataConfig(dataset=source.name), AttackConfig(), EngineConfig(**engine)
+    run = resolve_run(*sections, reuse=True, source=source)
+    torch.manual_seed(0)
+    return run, run.new_model().eval()
 
 
-def random_masks(model: torch.nn.Module, seed: int = 0) -> list[Channel]:
+def random_masks(model: nn.Module, seed: int = 0) -> list[Channel]:
+    """A seeded random mask value for every BatchNorm channel (what a defense would have learned)."""
     generator = torch.Generator().manual_seed(seed)
     channels = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
+        if isinstance(module, nn.BatchNorm2d):
             values = torch.rand(module.num_features, generator=generator).tolist()
             channels += [Channel(name, index, value) for index, value in enumerate(values)]
     return channels
 
 
-def timed(function, repeats: int, device: torch.device) -> tuple[float, list[float]]:
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    warmup = once()
-    return warmup, [once() for _ in range(repeats)]
+def threshold_steps(channels: list[Channel]) -> list[PruneStep]:
+    """The default schedule (the RNP section's defaults): thresholds 0, 0.05, ..., 0.9."""
+    rnp = RNPConfig()
+    return threshold_schedule(rank_channels(channels), rnp.pruning_max, rnp.pruning_step)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workload", choices=("demo", "cifar"), default="demo")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--mask-file", help="mask_values.txt to rank (default: seeded random masks)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--amp", choices=("bf16", "off"), default="off")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--providers", default="batched,sequential,reference")
-    parser.add_argument("--out", help="save the result as JSON here")
-    args = parser.parse_args()
+def scorer(model: nn.Module, steps: list[PruneStep], run: ResolvedRun, provider: str, batch_size: int | None = None):
+    """A call that scores every step on the run's test sets as ``provider`` does: the run's engine
+    settings, batched or sequential, at ``batch_size`` images per forward (default: the run's), or
+    the reference's own way (eager fp32 NCHW, one evaluation per threshold)."""
+    if provider == "reference":
+        options = ScoringOptions(mode="reference", batch_size=REFERENCE_BATCH)
+    else:
+        options = replace(run.scoring(), scoring=provider, batch_size=batch_size or run.eval_batch)
+    return lambda: score_steps(model, steps, run.tests, options)
 
-    device = resolve_device(args.device)
-    model, data = workload(args.workload, device)
-    channels = read_mask_file(args.mask_file) if args.mask_file else random_masks(model)
-    steps = threshold_schedule(rank_channels(channels), 0.90, 0.05)
-    amp = torch.bfloat16 if args.amp == "bf16" else None
-    options = {
-        "batched": SweepOptions(
-            sweep_mode="batched", batch_size=args.batch_size, amp=amp, channels_last=args.channels_last
-        ),
-        "sequential": SweepOptions(
-            sweep_mode="sequential", batch_size=args.batch_size, amp=amp, channels_last=args.channels_last
-        ),
-        "reference": SweepOptions(mode="reference", batch_size=512),  # the reference's own way
-    }
+
+def time_providers(model, steps: list[PruneStep], run: ResolvedRun, args) -> tuple[dict, dict]:
+    """Each provider's timing, and the metrics its last run gave (batched and sequential must agree)."""
     results, metrics = {}, {}
     for provider in args.providers.split(","):
         print(f"{provider} ...", file=sys.stderr)
+        score = scorer(model, steps, run, provider, args.batch_size)
 
-        def run(p=provider):
-            metrics[p] = score_steps(model, steps, data, options[p])
+        def once(provider=provider, score=score):
+            metrics[provider] = score()
 
-        warmup, runs = timed(run, args.repeats, device)
-        results[provider] = {"warmup_s": warmup, "runs_s": runs, "median_s": statistics.median(runs)}
-    medians = {p: r["median_s"] for p, r in results.items()}
+        results[provider] = _harness.measure(once, args.repeats, run.device)
+    return results, metrics
+
+
+def main() -> None:
+    parser = _harness.parser(__doc__, device="auto", repeats=3)
+    parser.add_argument("--workload", choices=("demo", "cifar"), default="demo")
+    parser.add_argument("--mask-file", help="mask_values.txt to rank (default: seeded random masks)")
+    parser.add_argument("--batch-size", type=_harness.positive, default=512)
+    parser.add_argument("--amp", choices=("bf16", "off"), default="off")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    args = parser.parse_args()
+    unknown = set(args.providers.split(",")) - set(PROVIDERS)
+    if unknown:
+        raise UserError(f"--providers takes {', '.join(PROVIDERS)}; got {', '.join(sorted(unknown))}")
+    run, model = workload(args.workload, device=args.device, amp=args.amp, channels_last=args.channels_last)
+    steps = threshold_steps(read_mask_file(args.mask_file) if args.mask_file else random_masks(model))
+    results, metrics = time_providers(model, steps, run, args)
     report = {
         "benchmark": "pruning sweep",
         "workload": args.workload,
-        **provenance(device),
         "masks": args.mask_file or "seeded random values (seed 0)",
         "steps": len(steps),
         "distinct_prune_sets": len({s.count for s in steps}),
-        "images": {"clean": len(data.clean.labels), "poisoned": len(data.poisoned.labels)},
+        "images": {"clean": len(run.tests.clean.labels), "poisoned": len(run.tests.poisoned.labels)},
         "results": results,
-        "ratios": {
-            f"{other}_over_batched": medians[other] / medians["batched"]
-            for other in medians
-            if other != "batched" and "batched" in medians
-        },
-        "batched_equals_sequential": metrics.get("batched") == metrics.get("sequential")
+        "ratios": _harness.ratios({p: r["median_s"] for p, r in results.items()}, "batched"),
+        "batched_equals_sequential": metrics["batched"] == metrics["sequential"]
         if {"batched", "sequential"} <= metrics.keys()
         else None,
     }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        save_result(report, args.out)
+    _harness.write_result(report, args.out, run.device, echo=True)
 
 
 if __name__ == "__main__":
-    main()
+    _harness.run(main)

@@ -20,7 +20,7 @@ for part in $parts; do
   echo "== $part ($(date -u +%H:%M:%S))"
   case $part in
     tests)   # the CUDA halves of the kernel tests, compiled recover step, everything else on CUDA
-      python3 -m pytest -q -x tests/test_masked_bn_kernel.py tests/test_engine.py tests/test_batched_sweep.py ;;
+      python3 -m pytest -q -x tests/test_masked_bn_kernel.py tests/test_engine.py tests/test_batched_scoring.py ;;
     kernel)  # issue 4: masked BatchNorm, eager vs compiled vs Triton, and the --bn-kernel auto table
       python3 benchmarks/bench_masked_bn.py --out "$R/masked_bn_$slug.json" --write-auto-table ;;
     sweep)   # issue 5: 19 thresholds over 9,000 + 9,000 images, batched vs sequential vs reference
@@ -34,7 +34,7 @@ for part in $parts; do
     train)   # issue 3: train-backdoor images per second, fast engine vs eager fp32
       python3 benchmarks/bench_train.py --device cuda --out "$R/train_$slug.json" ;;
     phases)  # issue 6: per-phase pytest-benchmark suites (recover epoch with and without the kernel)
-      python3 -m pytest -q benchmarks/bench_phases.py --benchmark-json="$R/phases_$slug.json" ;;
+      python3 benchmarks/bench_phases.py --device cuda --out "$R/phases_$slug.json" ;;
     *) echo "unknown part: $part (tests kernel sweep bench train phases)" >&2; exit 2 ;;
   esac
 done

@@ -1,8 +1,9 @@
-"""Triton kernels (installed as rnp_fast.kernels).
+"""Kernels (installed as rnp_fast.kernels).
 
-The package imports without Triton: the pure-PyTorch references are always available, and the
-Triton entry points are imported on first use (``rnp_fast.kernels.masked_batch_norm``), which
-raises ImportError when Triton is missing. Check ``triton_available()`` first.
+The package imports without Triton. ``masked_batch_norm`` (from ``.ops``, imported on first use)
+is the fused masked-BatchNorm operator: PyTorch on the CPU, the Triton kernels of ``.masked_bn``
+on CUDA, where it needs Triton (check ``triton_available()`` first). The pure-PyTorch reference
+is always available.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from .reference import masked_batch_norm_reference
 
 __all__ = ["masked_batch_norm", "masked_batch_norm_reference", "triton_available"]
 
-_LAZY = {"masked_batch_norm": ".masked_bn"}  # attribute -> submodule that needs Triton
+# attribute -> submodule; imported on first use, so `import rnp_fast.kernels` registers no operator
+_LAZY = {"masked_batch_norm": ".ops"}
 
 
 @functools.cache
@@ -32,7 +34,7 @@ def triton_available() -> bool:
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: import the Triton module only when one of its names is asked for.
+    # PEP 562: import the submodule only when one of its names is asked for.
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,10 +1,9 @@
-"""Pure-PyTorch reference for the masked BatchNorm kernels, shared by tests and benchmarks.
+"""Pure-PyTorch reference for the masked BatchNorm operator, shared by tests and benchmarks.
 
     y = F.batch_norm(x, running_mean, running_var, weight * mask, bias, training, momentum, eps)
-    y = relu(y)  if relu
 
-This is exactly what ``rnp_fast.masked_bn.MaskedBatchNorm2d`` computes (plus the optional ReLU
-that follows it in the models), so it is also the eager baseline the benchmarks time.
+This is exactly what ``rnp_fast.masked_bn.MaskedBatchNorm2d`` computes without the fused
+operator, so it is also the eager baseline the benchmarks time.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ def masked_batch_norm_reference(
     training: bool,
     momentum: float,
     eps: float,
-    relu: bool = False,
 ) -> Tensor:
-    """Same signature and semantics as ``rnp_fast.kernels.masked_bn.masked_batch_norm``."""
-    y = F.batch_norm(x, running_mean, running_var, weight * mask, bias, training, momentum, eps)
-    return F.relu(y) if relu else y
+    """Same signature and semantics as ``rnp_fast.kernels.ops.masked_batch_norm``."""
+    return F.batch_norm(x, running_mean, running_var, weight * mask, bias, training, momentum, eps)

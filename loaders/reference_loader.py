@@ -78,6 +78,7 @@ class ReferenceLoader:
     ):
         self.dataset = PerSampleDataset(data, mean, std, augment, seed)
         self.sampler = SeededOrder(len(data), shuffle, seed)
+        self.batch_size = batch_size
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers)
         self.device = torch.device(device)
         self.set_epoch(0)

@@ -12,8 +12,21 @@ import sys
 from dataclasses import MISSING, fields
 
 from rnp_fast import __version__
-from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig, flag
+from rnp_fast.config import (
+    TRAIN_ENGINE_FIELDS,
+    AttackConfig,
+    BenchConfig,
+    DataConfig,
+    EngineConfig,
+    ModelConfig,
+    RNPConfig,
+    SweepRunConfig,
+    TrainConfig,
+    flag,
+)
 from rnp_fast.errors import UserError
+
+REQUIRED = {"store"}  # fields whose flag must be given
 
 # Field type (as written in the dataclass) -> argparse keyword arguments.
 TYPE_OPTIONS = {
@@ -28,25 +41,39 @@ TYPE_OPTIONS = {
 }
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, defaults: dict | None = None, skip=()) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls, skip=(), only=None) -> None:
+    """One flag per field of ``cls`` (all of them, or ``only`` these), help text from ``doc``."""
     group = parser.add_argument_group(cls.__name__.removesuffix("Config").lower() or cls.__name__)
     for f in fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
-        default = (defaults or {}).get(f.name, f.default if f.default is not MISSING else None)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        default = f.default if f.default is not MISSING else None
+        help_text = f.metadata.get("help", "")
+        if "default:" not in help_text:
+            help_text += f" (default: {'auto' if default is None else default})"
+        options = {"dest": f.name, "default": default, "help": help_text}
+        if f.name in REQUIRED:
+            options.update(required=True, default=MISSING, help=f.metadata.get("help", ""))
+            options.pop("default")
         if f.type in ("bool", "bool | None"):  # None: decided later (e.g. by the device)
-            group.add_argument(
-                f"--{flag(f.name)}",
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=help_text,
-            )
+            group.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, **options)
         else:
+            group.add_argument(f"--{flag(f.name)}", **options, **TYPE_OPTIONS[f.type])
+        for old in f.metadata.get("aliases", ()):
             group.add_argument(
-                f"--{flag(f.name)}", dest=f.name, default=default, help=help_text, **TYPE_OPTIONS[f.type]
+                f"--{flag(old)}", dest=f.name, action=deprecated(f.name), help=argparse.SUPPRESS, **TYPE_OPTIONS[f.type]
             )
+
+
+def deprecated(new_name: str):
+    """An argparse action for a renamed flag: still works for one release, with a deprecation line."""
+
+    class Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"rnp-fast: {option_string} is deprecated, use --{flag(new_name)}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    return Deprecated
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -76,20 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (ModelConfig, DataConfig, AttackConfig, RNPConfig, EngineConfig):
         add_config_flags(defend, cls, skip=("poison_rate", "poison_seed", "poison"))
 
-    from rnp_fast.train import TrainConfig
-
     train = commands.add_parser("train-backdoor", help="train a backdoored model to defend")
     train.add_argument("--out", required=True, help="directory for model.safetensors, model.pth, summary.json")
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    train.add_argument("--quiet", action="store_true", help="no progress output")
     for cls in (ModelConfig, DataConfig, AttackConfig, TrainConfig):
         add_config_flags(train, cls, skip=("ratio", "holdout", "shuffle"))
+    add_config_flags(train, EngineConfig, only=TRAIN_ENGINE_FIELDS)
 
     demo = commands.add_parser("demo", help="defend the bundled BadNets ResNet-18 on the digits set")
     demo.add_argument("--out", default="rnp-demo", help="run directory (default: rnp-demo)")
-    demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    demo.add_argument("--mode", default="fast", choices=("fast", "reference"), help="engine mode (default: fast)")
-    demo.add_argument("--quiet", action="store_true", help="no progress output")
+    add_config_flags(demo, EngineConfig)
 
     convert = commands.add_parser("convert", help="write a dataset split to an FFCV .beton file (the ffcv extra)")
     convert.add_argument("source", metavar="SOURCE", help="dataset name, as --dataset takes it")
@@ -104,8 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_bench_command(commands) -> None:
-    from rnp_fast.bench import BenchConfig
-
     bench = commands.add_parser("bench", help="time the reference mode and the fast mode on identical work")
     bench.add_argument("--out", help="also save the result as JSON here (e.g. benchmarks/results/bench_cpu.json)")
     add_config_flags(bench, BenchConfig)
@@ -114,15 +134,7 @@ def add_bench_command(commands) -> None:
 def add_sweep_commands(commands) -> None:
     sweep = commands.add_parser("sweep", help="run (or resume) a grid of train + defend jobs from a YAML file")
     sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="the sweep file (see README, Sweeps)")
-    sweep.add_argument("--store", required=True, help="results directory: results.sqlite, models/, jobs/, sweep.log")
-    sweep.add_argument("--backend", default="local", choices=("local", "ray"), help="where jobs run (default: local)")
-    sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)")
-    sweep.add_argument("--gpus", type=int, help="GPUs to use, one worker each (default: all visible; 0 = CPU)")
-    sweep.add_argument("--jobs-per-gpu", type=int, default=1, help="jobs sharing one GPU, or the CPU (default: 1)")
-    sweep.add_argument("--retry-failed", action="store_true", help="run failed jobs again")
-    sweep.add_argument("--max-retries", type=int, default=3, help="Ray retries of a lost task (default: 3)")
-    sweep.add_argument("--quiet", action="store_true", help="no progress bar or job lines on the terminal")
-    sweep.add_argument("--max-jobs", type=int, default=10_000, help="refuse sweeps with more jobs (default: 10000)")
+    add_config_flags(sweep, SweepRunConfig)
 
     report = commands.add_parser("report", help="table (Markdown, CSV) and plots of a sweep's finished jobs")
     report.add_argument("store", metavar="STORE", help="the sweep's --store directory")
@@ -147,7 +159,7 @@ def run_defend(args) -> dict:
 
 
 def run_train(args) -> dict:
-    from rnp_fast.train import TrainConfig, train_backdoor
+    from rnp_fast.train import train_backdoor
 
     return train_backdoor(
         args.out,
@@ -155,8 +167,7 @@ def run_train(args) -> dict:
         config_from_args(DataConfig, args),
         config_from_args(AttackConfig, args),
         config_from_args(TrainConfig, args),
-        args.device,
-        args.quiet,
+        config_from_args(EngineConfig, args),
     )
 
 
@@ -169,24 +180,13 @@ def run_convert(args) -> dict:
 def run_demo(args) -> dict:
     from rnp_fast.demo import run_demo as demo
 
-    return demo(args.out, args.device, args.mode, args.quiet)
+    return demo(args.out, config_from_args(EngineConfig, args))
 
 
 def run_sweep_command(args) -> dict:
-    from rnp_fast.sweep.runner import RunOptions, run_sweep
+    from rnp_fast.sweep.runner import run_sweep
 
-    options = RunOptions(
-        store=args.store,
-        backend=args.backend,
-        address=args.address,
-        gpus=args.gpus,
-        jobs_per_gpu=args.jobs_per_gpu,
-        retry_failed=args.retry_failed,
-        max_retries=args.max_retries,
-        quiet=args.quiet,
-        max_jobs=args.max_jobs,
-    )
-    return run_sweep(args.sweep_file, options)
+    return run_sweep(args.sweep_file, config_from_args(SweepRunConfig, args))
 
 
 def run_report(args) -> dict:
@@ -197,7 +197,7 @@ def run_report(args) -> dict:
 
 def run_bench_command(args) -> None:
     """Prints the table (and saves the JSON with --out) instead of a summary."""
-    from rnp_fast.bench import BenchConfig, format_table, run_bench, save_result
+    from rnp_fast.bench import format_table, run_bench, save_result
     from rnp_fast.outputs import is_our_json, vet_output_file
 
     if args.out is not None:  # checked before the benchmark, not after it

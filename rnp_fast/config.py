@@ -1,7 +1,13 @@
-"""Run configuration: one dataclass per concern, validated on construction.
+"""Every configuration dataclass of rnp-fast, one per concern, validated on construction.
 
-The CLI is derived from these classes (one flag per field, help text from ``doc``), and every run
-writes the resolved configuration next to its results. Defaults are the reference's.
+The CLI is derived from these classes (one flag per field, help text from ``doc``), sweep files
+set their fields by ``SECTION.FIELD``, and every run writes the resolved configuration next to its
+results. Defaults are the reference's. Field metadata carries the two rules other modules need:
+
+- ``identity=False``: the field says where or how visibly a job runs, not what it computes
+  (device, progress output); it is left out of a sweep job's hash, cannot be set in a sweep file
+  (the backend sets it) and is not a setting of the results table;
+- ``seed=True``: a seed; the results table averages over it.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from dataclasses import asdict, dataclass, field, fields
 from rnp_fast.errors import UserError
 
 
-def doc(text: str, **kwargs):
-    """A dataclass field whose help text the CLI shows."""
-    return field(metadata={"help": text}, **kwargs)
+def doc(text: str, identity: bool = True, seed: bool = False, aliases: tuple[str, ...] = (), **kwargs):
+    """A dataclass field whose help text the CLI shows (see the module docstring for the flags);
+    ``aliases``: old field names still accepted for one release, with a deprecation line."""
+    metadata = {"help": text, "identity": identity, "seed": seed, "aliases": aliases}
+    return field(metadata=metadata, **kwargs)
 
 
 def require(condition: bool, message: str) -> None:
@@ -39,7 +47,7 @@ class DataConfig:
     eval_batch_size: int = doc("batch size for evaluation", default=512)
     augment: bool = doc("random crop (4 px padding) and flip on the defense data", default=True)
     shuffle: bool = doc("shuffle the defense data every epoch", default=True)
-    seed: int = doc("seed for the defense subset, order and augmentation", default=0)
+    seed: int = doc("seed for the defense subset, order and augmentation", default=0, seed=True)
 
     def __post_init__(self):
         require(0 < self.ratio <= 1, f"--ratio must be in (0, 1], got {self.ratio}")
@@ -58,7 +66,7 @@ class AttackConfig:
     )
     target: int = doc("target label of the backdoor", default=0)
     poison_rate: float = doc("fraction of training images poisoned (train-backdoor)", default=0.1)
-    poison_seed: int = doc("seed choosing the poisoned training images", default=0)
+    poison_seed: int = doc("seed choosing the poisoned training images", default=0, seed=True)
     poison: bool = doc(
         "poison the training set (train-backdoor); --no-poison trains the same model on clean data, "
         "the baseline an attack's clean accuracy is compared with (its ASR: the trigger on a clean model)",
@@ -147,32 +155,53 @@ class RNPConfig:
 
 @dataclass
 class EngineConfig:
-    device: str = doc("cpu, cuda, cuda:N or auto", default="auto")
+    device: str = doc("cpu, cuda, cuda:N or auto", default="auto", identity=False)
     mode: str = doc("fast (device-resident data) or reference (the reference's execution)", default="fast")
     eval_every: int = doc("evaluate both test sets every N epochs of both stages; 0 = off", default=0)
-    sweep_mode: str = doc("pruning evaluation: batched (all candidates per pass) or sequential", default="batched")
-    sweep_chunk: int = doc("candidates per batched pass; 0 = as many as free memory allows", default=0)
-    compile: bool | None = doc("torch.compile the learning steps (default: on with CUDA, off on CPU)", default=None)
+    scoring: str = doc(
+        "how pruning candidates are scored: batched (all candidates per pass over the test data) or sequential",
+        default="batched",
+        aliases=("sweep_mode",),
+    )
+    scoring_chunk: int = doc(
+        "candidates per batched scoring pass; 0 = as many as free memory allows", default=0, aliases=("sweep_chunk",)
+    )
+    compile: bool | None = doc(
+        "torch.compile the learning steps and the candidate scoring (default: on with CUDA where the process "
+        "reuses them: sweeps, bench, repeated defenses; off for a single defense and on CPU)",
+        default=None,
+    )
     amp: str = doc("autocast precision: bf16, fp16, off or auto (bf16 on CUDA, off on CPU)", default="auto")
-    channels_last: bool | None = doc("channels_last activations (default: on with CUDA)", default=None)
-    cuda_graphs: bool | None = doc("CUDA graphs for the compiled steps (torch.compile reduce-overhead)", default=None)
+    channels_last: bool | None = doc(
+        "channels_last activations (default: on with CUDA; CPU: evaluation only)", default=None
+    )
+    cuda_graphs: bool | None = doc(
+        "CUDA graphs: the eager learning steps captured and replayed, or reduce-overhead with --compile "
+        "(default: on with CUDA when not compiling)",
+        default=None,
+    )
     bn_kernel: str = doc("masked BatchNorm: triton, torch or auto (triton where measured faster)", default="auto")
     deterministic: bool = doc("bit-identical reruns on CUDA too (deterministic kernels; slower)", default=False)
-    quiet: bool = doc("no progress bars or per-epoch lines on the terminal", default=False)
+    quiet: bool = doc("no progress bars or per-epoch lines on the terminal", default=False, identity=False)
 
     def __post_init__(self):
         require(self.mode in ("fast", "reference"), f"--mode must be fast or reference, got {self.mode!r}")
         require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         require(
-            self.sweep_mode in ("batched", "sequential"),
-            f"--sweep-mode must be batched or sequential, got {self.sweep_mode!r}",
+            self.scoring in ("batched", "sequential"),
+            f"--scoring must be batched or sequential, got {self.scoring!r}",
         )
-        require(self.sweep_chunk >= 0, f"--sweep-chunk must be >= 0, got {self.sweep_chunk}")
+        require(self.scoring_chunk >= 0, f"--scoring-chunk must be >= 0, got {self.scoring_chunk}")
         require(self.amp in ("bf16", "fp16", "off", "auto"), f"--amp must be bf16, fp16, off or auto, got {self.amp!r}")
         require(
             self.bn_kernel in ("triton", "torch", "auto"),
             f"--bn-kernel must be triton, torch or auto, got {self.bn_kernel!r}",
         )
+
+
+# The engine fields that training reads too (the rest are the defense's: mode, evaluation, scoring,
+# BatchNorm kernel). The ones besides device and quiet change the trained model's numerics.
+TRAIN_ENGINE_FIELDS = ("device", "compile", "amp", "channels_last", "cuda_graphs", "deterministic", "quiet")
 
 
 @dataclass
@@ -182,6 +211,118 @@ class ModelConfig:
 
     def __post_init__(self):
         require(self.width > 0, f"--width must be > 0, got {self.width}")
+
+
+@dataclass
+class TrainConfig:
+    """`train-backdoor`'s own settings (the model, data, attack and engine sections are shared)."""
+
+    epochs: int = doc("training epochs", default=40)
+    lr: float = doc("peak SGD learning rate", default=0.1)
+    momentum: float = doc("SGD momentum", default=0.9)
+    weight_decay: float = doc("SGD weight decay", default=5e-4)
+    lr_schedule: str = doc("onecycle, cosine or multistep (x0.1 at 1/2 and 3/4 of training)", default="onecycle")
+    train_beton: str | None = doc(
+        "read the training split through FFCV from this .beton (rnp-fast convert DATASET OUT.beton)", default=None
+    )
+
+    def __post_init__(self):
+        require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        require(
+            self.lr_schedule in ("onecycle", "cosine", "multistep"),
+            f"--lr-schedule must be onecycle, cosine or multistep, got {self.lr_schedule!r}",
+        )
+
+
+BENCH_WORKLOADS = ("demo", "cifar")
+BENCH_MODES = ("reference", "fast")
+
+
+@dataclass
+class BenchConfig:
+    """`rnp-fast bench`: the reference mode and the fast mode on identical work."""
+
+    workload: str = doc("demo (the bundled digits model) or cifar (ResNet-18, CIFAR-shaped synthetic)", default="demo")
+    device: str = doc("cpu, cuda, cuda:N or auto", default="auto")
+    repeats: int = doc("timed runs per mode after the cold run; medians over these", default=3)
+    unlearning_epochs: int = doc("unlearning epochs, run in full (early stop off); default: the workload's", default=0)
+    recovering_epochs: int = doc("recovering epochs; default: the workload's", default=0)
+    eval_every: int = doc("evaluate both test sets every N epochs (1 as the reference; 0 = off)", default=1)
+    modes: str = doc("modes to run, comma separated", default="reference,fast")
+    fresh_compile_cache: bool = doc(
+        "start from an empty Inductor cache, so the cold run pays full compilation", default=False
+    )
+
+    def __post_init__(self):
+        workloads = ", ".join(BENCH_WORKLOADS)
+        require(self.workload in BENCH_WORKLOADS, f"--workload must be one of {workloads}, got {self.workload!r}")
+        require(self.repeats >= 1, f"--repeats must be >= 1, got {self.repeats}")
+        require(self.unlearning_epochs >= 0, f"--unlearning-epochs must be >= 0, got {self.unlearning_epochs}")
+        require(self.recovering_epochs >= 0, f"--recovering-epochs must be >= 0, got {self.recovering_epochs}")
+        require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        unknown = set(self.mode_list) - set(BENCH_MODES)
+        require(not unknown and self.mode_list, f"--modes takes reference and/or fast, got {self.modes!r}")
+
+    @property
+    def mode_list(self) -> list[str]:
+        return [mode.strip() for mode in self.modes.split(",") if mode.strip()]
+
+
+SWEEP_BACKENDS = ("local", "ray")
+
+
+@dataclass
+class SweepRunConfig:
+    """How `rnp-fast sweep` runs a sweep file's jobs (not what they compute)."""
+
+    store: str = doc("results directory: results.sqlite, models/, jobs/, sweep.log", default="")
+    backend: str = doc("where jobs run: local or ray", default="local")
+    address: str | None = doc("Ray cluster address (default: RAY_ADDRESS, else a new local Ray)", default=None)
+    gpus: int | None = doc("GPUs to use, one worker each (default: all visible; 0 = CPU)", default=None)
+    jobs_per_gpu: int = doc("jobs sharing one GPU (without a GPU: jobs sharing the CPU)", default=1)
+    retry_failed: bool = doc("run failed jobs again", default=False)
+    max_retries: int = doc("Ray's retries of a task whose worker died", default=3)
+    max_jobs: int = doc("refuse sweeps with more jobs (counted from the axes before expanding them)", default=10_000)
+    quiet: bool = doc("no progress bar or job lines on the terminal", default=False)
+
+    def __post_init__(self):
+        require(self.backend in SWEEP_BACKENDS, f"--backend must be local or ray, got {self.backend!r}")
+        require(not (self.address and self.backend != "ray"), "--address is for --backend ray")
+        require(
+            not (self.gpus is not None and self.backend == "ray"),
+            "--gpus is for --backend local (Ray tasks use the cluster's GPUs)",
+        )
+        require(self.gpus is None or self.gpus >= 0, f"--gpus must be >= 0, got {self.gpus}")
+        require(self.jobs_per_gpu >= 1, f"--jobs-per-gpu must be >= 1, got {self.jobs_per_gpu}")
+        require(self.max_retries >= 0, f"--max-retries must be >= 0, got {self.max_retries}")
+        require(self.max_jobs >= 1, f"--max-jobs must be >= 1, got {self.max_jobs}")
+
+
+# The sections of a sweep job, as sweep files name them.
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "attack": AttackConfig,
+    "train": TrainConfig,
+    "rnp": RNPConfig,
+    "engine": EngineConfig,
+}
+
+
+def not_identity(section: str) -> tuple[str, ...]:
+    """Fields of a section that say where a job runs, not what it computes (``identity=False``)."""
+    return tuple(f.name for f in fields(SECTIONS[section]) if not f.metadata.get("identity", True))
+
+
+def seed_paths() -> tuple[str, ...]:
+    """``SECTION.FIELD`` of every seed (``seed=True``)."""
+    return tuple(f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls) if f.metadata.get("seed"))
+
+
+def deprecated_aliases(cls) -> dict[str, str]:
+    """{old field name: current field name} of a config class."""
+    return {old: f.name for f in fields(cls) for old in f.metadata.get("aliases", ())}
 
 
 def flag(name: str) -> str:

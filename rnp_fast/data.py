@@ -11,11 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rnp_fast.config import DataConfig, EngineConfig
+from rnp_fast.config import DataConfig
 from rnp_fast.errors import UserError
 from rnp_fast.loaders.augment import mix_seed
-from rnp_fast.loaders.device_loader import DeviceLoader
-from rnp_fast.loaders.reference_loader import ReferenceLoader
 from rnp_fast.loaders.sources import DataSource, ImageSet
 
 SUBSET_STREAM = 3
@@ -53,18 +51,3 @@ def defense_data(source: DataSource, config: DataConfig) -> DefenseData:
     generator = torch.Generator().manual_seed(mix_seed(config.seed, SUBSET_STREAM))
     chosen = torch.randperm(total, generator=generator)[:count]
     return DefenseData(source.train.subset(chosen[held:]), source.train.subset(chosen[:held]))
-
-
-def training_loader(data: ImageSet, source: DataSource, config: DataConfig, engine: EngineConfig, device):
-    """The defense-data loader of the engine's mode (device-resident, or the reference's DataLoader)."""
-    loader_class = DeviceLoader if engine.mode == "fast" else ReferenceLoader
-    return loader_class(
-        data,
-        source.mean,
-        source.std,
-        config.batch_size,
-        device=device,
-        shuffle=config.shuffle,
-        augment=config.augment,
-        seed=config.seed,
-    )

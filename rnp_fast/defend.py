@@ -1,7 +1,12 @@
 """The whole defense: load, unlearn, recover, prune, choose, save.
 
-Everything that can be checked (configuration, model file, masks, data) is checked before the run
-directory is created; the run directory itself is written atomically (see `outputs`).
+Everything that can be checked (output path, configuration, model file, masks, data) is checked
+before the run directory is created; the run directory itself is written atomically (`outputs`).
+
+In the fast mode the model before the defense and the purified model are two of the pruning
+candidates (the unpruned one and the chosen one): their metrics come from the same scoring pass,
+in the same precision, as every row of the pruning table. The reference mode evaluates them
+separately, as the reference does.
 """
 
 from __future__ import annotations
@@ -15,20 +20,25 @@ import torch
 from torch import nn
 
 from rnp_fast import __version__
-from rnp_fast.attacks import build_trigger
-from rnp_fast.checkpoint import load_model_weights, save_reference_checkpoint, save_safetensors
+from rnp_fast.checkpoint import save_reference_checkpoint, save_safetensors
 from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig, to_dict
-from rnp_fast.data import defense_data, training_loader
-from rnp_fast.device import describe_device, resolve_device
-from rnp_fast.engine import EAGER, EngineSettings, resolve_engine
+from rnp_fast.data import DefenseData, defense_data
+from rnp_fast.device import describe_device
 from rnp_fast.errors import UserError
-from rnp_fast.evaluate import Metrics, build_test_sets, defense_effectiveness
-from rnp_fast.loaders.sources import DataSource, load_source
+from rnp_fast.evaluation.metrics import Metrics, defense_effectiveness
+from rnp_fast.evaluation.scoring import holdout_accuracies, score_steps
 from rnp_fast.masked_bn import MaskedBatchNorm2d
-from rnp_fast.models import build_model
 from rnp_fast.outputs import RunDirectory, vet_output
-from rnp_fast.prune import Channel, PruneStep, batchnorm_sizes, prune_, rank_channels, schedule, single_threshold_step
-from rnp_fast.pruning_eval import SweepOptions, holdout_accuracies, make_evaluator, score_steps
+from rnp_fast.provenance import versions
+from rnp_fast.prune import (
+    Channel,
+    PruneStep,
+    batchnorm_sizes,
+    prune_,
+    rank_channels,
+    schedule,
+    single_threshold_step,
+)
 from rnp_fast.recover import recover
 from rnp_fast.report import (
     EPOCH_HEADER,
@@ -39,9 +49,12 @@ from rnp_fast.report import (
     plot_pruning,
     read_mask_file,
 )
+from rnp_fast.resolved import ResolvedRun, resolve_run
 from rnp_fast.runlog import RunLog
 from rnp_fast.select import Choice, choose_step
 from rnp_fast.unlearn import unlearn
+
+UNPRUNED = PruneStep(label=float("nan"), count=0, channels=[])
 
 
 @dataclass
@@ -56,176 +69,151 @@ class DefendJob:
     mask_file: str | None = None
     unlearned_model: str | None = None
 
+    def reads(self) -> list[str | None]:
+        """Every file or folder the defense reads: an output directory must not hold any of them."""
+        return [self.model_path, self.mask_file, self.unlearned_model, self.data.data_dir, *self.attack.files()]
+
 
 @dataclass
-class Prepared:
-    """What the checks before the run produce."""
+class Inputs:
+    """The models and masks a defense starts from (checked before the run directory exists)."""
 
-    device: torch.device
-    source: DataSource
     backdoored: nn.Module
-    unlearned: nn.Module | None
-    channels: list[Channel] | None
-    engine: EngineSettings = EAGER
+    unlearned: nn.Module | None = None
+    channels: list[Channel] | None = None
 
 
-def prepare(job: DefendJob) -> Prepared:
-    device = resolve_device(job.engine.device)
-    engine = resolve_engine(job.engine, device)
-    source = load_source(job.data.dataset, job.data.data_dir, job.data.download, job.data.image_size)
-    if job.attack.target >= source.num_classes:
-        raise UserError(f"--target {job.attack.target} is outside the {source.num_classes} classes of {source.name}")
-    backdoored = new_model(job.model, source.num_classes)
-    load_model_weights(backdoored, job.model_path, job.model.arch)
-    unlearned = None
-    if job.unlearned_model:
-        unlearned = load_model_weights(new_model(job.model, source.num_classes), job.unlearned_model, job.model.arch)
+@dataclass
+class Pruning:
+    """What scoring the schedule gives: per-step metrics, the choice, and before/after."""
+
+    steps: list[PruneStep]
+    metrics: list[Metrics]
+    holdout: list[float]
+    choice: Choice
+    chosen: PruneStep | None
+    before: Metrics
+    after: Metrics
+
+
+def load_inputs(job: DefendJob, run: ResolvedRun) -> Inputs:
+    backdoored = run.load_model(job.model_path)
+    unlearned = run.load_model(job.unlearned_model) if job.unlearned_model else None
     channels = read_mask_file(job.mask_file, batchnorm_sizes(backdoored)) if job.mask_file else None
-    unlearned = unlearned.to(device) if unlearned else None
-    return Prepared(device, source, backdoored.to(device), unlearned, channels, engine)
+    return Inputs(backdoored, unlearned, channels)
 
 
-def new_model(config: ModelConfig, num_classes: int, norm_layer=nn.BatchNorm2d) -> nn.Module:
-    return build_model(config.arch, num_classes, config.width, norm_layer)
-
-
-def run_defense(job: DefendJob) -> dict:
-    """Run RNP end to end; returns the summary (also written to ``summary.json``)."""
+def run_defense(job: DefendJob, reuse: bool = False) -> dict:
+    """Run RNP end to end; returns the summary (also written to ``summary.json``). ``reuse``: this
+    process will defend again (a sweep, a benchmark), where compiling the steps pays back."""
     started = time.perf_counter()
-    reads = [job.model_path, job.mask_file, job.unlearned_model, job.data.data_dir, *job.attack.files()]
-    vet_output(job.out, reads)  # before any work: never replace what rnp-fast did not make
-    prepared = prepare(job)
-    with RunDirectory(job.out, reads, kind="defense run") as run:
-        log = RunLog(run.path("output.log"), job.engine.quiet)
+    vet_output(job.out, job.reads())  # before any work: never replace what rnp-fast did not make
+    run = resolve_run(job.model, job.data, job.attack, job.engine, reuse=reuse)
+    inputs = load_inputs(job, run)
+    with RunDirectory(job.out, job.reads(), kind="defense run") as out:
+        log = RunLog(out.path("output.log"), job.engine.quiet)
+        run.warn = log.info
         try:
-            summary = defend_into(run, log, job, prepared, started)
+            return defend_into(out, log, job, run, inputs, started)
         finally:
             log.close()
+
+
+def defend_into(out: RunDirectory, log: RunLog, job: DefendJob, run: ResolvedRun, inputs: Inputs, started) -> dict:
+    log.info(f"rnp_fast {__version__} on {describe_device(run.device)}, mode {job.engine.mode}")
+    log.info(f"engine: {run.engine.describe()}")
+    for reason in run.engine.reasons:
+        log.info(reason)
+    log.info("----------- Data Initialization --------------")
+    run.tests  # noqa: B018 - poison and place the test sets now: their time is part of "data"
+    defense = defense_data(run.source, job.data)
+    timings: dict[str, float] = {"data": time.perf_counter() - started}
+    log.info("----------- Backdoor Model Initialization --------------")
+    log.info(f"{len(defense.train)} defense images, {len(defense.holdout)} held out")
+    separate_before = reference_before(job, run, inputs.backdoored, log, timings)
+    stop = {"stop_epoch": None, "reached_threshold": None, "diverged_epoch": None}
+    channels = inputs.channels
+    if channels is None:
+        channels = learn_masks(job, run, inputs, defense, log, timings, stop)
+    out.write_text("mask_values.txt", format_mask_values(channels))
+    pruning = prune_and_choose(job, run, inputs.backdoored, channels, defense, separate_before, log, timings)
+    purified = prune_(copy.deepcopy(inputs.backdoored), pruning.chosen.channels if pruning.chosen else [])
+    write_outputs(out, job, pruning, purified)
+    timings["total"] = time.perf_counter() - started
+    summary = make_summary(job, pruning, stop, timings, run, defense)
+    out.write_json("summary.json", summary)
+    out.write_json("config.json", resolved_config(job, run.device))
     return summary
 
 
-def defend_into(run: RunDirectory, log: RunLog, job: DefendJob, prepared: Prepared, started: float) -> dict:
-    device, source = prepared.device, prepared.source
-    log.info(f"rnp_fast {__version__} on {describe_device(device)}, mode {job.engine.mode}")
-    log.info(f"engine: {prepared.engine.describe()}")
-    log.info("----------- Data Initialization --------------")
-    image_shape = {"image_size": source.image_shape[-1], "channels": source.image_shape[0]}
-    trigger = build_trigger(job.attack.attack, **image_shape, **job.attack.trigger_params())
-    tests = build_test_sets(
-        source.test,
-        trigger,
-        job.attack.label_mode,
-        job.attack.target,
-        source.num_classes,
-        source.mean,
-        source.std,
-        device,
-    )
-    defense = defense_data(source, job.data)
-    sweep = sweep_options(job, prepared.engine, log)  # the evaluation settings of every phase
-    evaluator = make_evaluator(sweep.mode, tests, sweep.batch_size, sweep.channels_last)
-    timings: dict[str, float] = {"data": time.perf_counter() - started}
-    log.info("----------- Backdoor Model Initialization --------------")
+def reference_before(job, run: ResolvedRun, backdoored, log, timings) -> Metrics | None:
+    """The reference mode scores the backdoored model first, on its own, as the reference does."""
+    if job.engine.mode != "reference":
+        return None
     tick = time.perf_counter()
-    before = evaluator(prepared.backdoored)
+    before = run.evaluator()(backdoored)
     timings["model_eval"] = time.perf_counter() - tick
-    log.info(
-        f"before defense: clean {before.clean_acc:.4f}, ASR {before.asr:.4f} ({len(defense.train)} defense "
-        f"images, {len(defense.holdout)} held out)"
-    )
-    stop = {"stop_epoch": None, "reached_threshold": None, "diverged_epoch": None}
-    channels = prepared.channels
-    if channels is None:
-        channels = learn_masks(job, prepared, defense.train, evaluator, log, timings, stop)
-    run.write_text("mask_values.txt", format_mask_values(channels))
+    log.info(f"before defense: clean {before.clean_acc:.4f}, ASR {before.asr:.4f}")
+    return before
 
+
+def prune_and_choose(job, run: ResolvedRun, backdoored, channels, defense: DefenseData, before, log, timings):
     tick = time.perf_counter()
     log.info("----------- Backdoored Model Pruning --------------")
     ranked = rank_channels(channels)
     steps = schedule(ranked, job.rnp.pruning_by, job.rnp.pruning_max, job.rnp.pruning_step)
-    metrics = score_steps(prepared.backdoored, steps, tests, sweep)
+    scoring = run.scoring()
     base_holdout, holdout = holdout_accuracies(
-        prepared.backdoored, steps, defense.rule_images, source.mean, source.std, sweep
+        backdoored, steps, defense.rule_images, run.source.mean, run.source.std, scoring
     )
+    choice, chosen = pick(job, steps, ranked, base_holdout, holdout, defense.rule_data)
+    if before is None:  # fast mode: before and after are candidates of the same pass
+        extra = [chosen] if chosen is not None else []
+        scored = score_steps(backdoored, [UNPRUNED, *steps, *extra], run.tests, scoring)
+        before, metrics = scored[0], scored[1 : 1 + len(steps)]
+        after = scored[-1] if chosen is not None else before
+    else:
+        metrics = score_steps(backdoored, steps, run.tests, scoring)
+        after = separate_after(run, backdoored, chosen, timings)
     for step, metric in zip(steps, metrics, strict=True):
         log.info(f"{step.label:.4g} \t pruned {step.count} \t ASR {metric.asr:.4f} \t clean {metric.clean_acc:.4f}")
-    timings["prune_eval"] = time.perf_counter() - tick
-    choice, chosen = pick(job, steps, ranked, base_holdout, holdout, defense.rule_data)
+    timings["prune_eval"] = time.perf_counter() - tick - timings.get("after_eval", 0.0)
     if job.rnp.threshold is None and not len(defense.holdout):
         log.info(
             "WARNING: no defense images are held out (--holdout), so the threshold is chosen on the training images"
         )
     log.info(f"threshold rule: {choice.rule}")
-    purified = prune_(copy.deepcopy(prepared.backdoored), chosen.channels if chosen else [])
-    tick = time.perf_counter()
-    after = evaluator(purified)
-    timings["model_eval"] += time.perf_counter() - tick
+    log.info(f"before defense: clean {before.clean_acc:.4f}, ASR {before.asr:.4f}")
     log.info(f"after defense: clean {after.clean_acc:.4f}, ASR {after.asr:.4f}, {chosen.count if chosen else 0} pruned")
-
-    table_name = f"pruning_by_{job.rnp.pruning_by}.txt"
-    run.write_text(table_name, format_pruning_table(steps, metrics, job.rnp.pruning_by))
-    run.write_text("pruning.csv", format_pruning_csv(steps, metrics, holdout))
-    plot_pruning(run.path("pruning.png"), steps, metrics, job.rnp.pruning_by, choice.index)
-    save_purified(run, purified, chosen, job)
-    timings["total"] = time.perf_counter() - started
-    rule_data = None if job.rnp.threshold is not None else defense.rule_data
-    summary = make_summary(job, before, after, chosen, choice, stop, timings, device, rule_data)
-    run.write_json("summary.json", summary)
-    run.write_json("config.json", resolved_config(job, device))
-    return summary
+    return Pruning(steps, metrics, holdout, choice, chosen, before, after)
 
 
-def sweep_options(job: DefendJob, engine: EngineSettings, log: RunLog) -> SweepOptions:
-    return SweepOptions(
-        mode=job.engine.mode,
-        sweep_mode=job.engine.sweep_mode,
-        batch_size=eval_batch(job, engine),
-        chunk_size=job.engine.sweep_chunk,
-        amp=engine.amp,
-        channels_last=engine.eval_channels_last,
-        warn=log.info,
-    )
+def separate_after(run: ResolvedRun, backdoored, chosen: PruneStep | None, timings) -> Metrics:
+    tick = time.perf_counter()
+    after = run.evaluator()(prune_(copy.deepcopy(backdoored), chosen.channels if chosen else []))
+    timings["after_eval"] = time.perf_counter() - tick
+    timings["model_eval"] = timings.get("model_eval", 0.0) + timings["after_eval"]
+    return after
 
 
-def eval_batch(job: DefendJob, engine: EngineSettings) -> int:
-    return min(engine.eval_rows or job.data.eval_batch_size, job.data.eval_batch_size)
-
-
-def learn_masks(job, prepared, train_data, evaluator, log, timings, stop) -> list[Channel]:
+def learn_masks(job, run: ResolvedRun, inputs: Inputs, defense: DefenseData, log, timings, stop) -> list[Channel]:
     """Unlearning (unless an unlearned model was given) then recovering; returns mask values."""
     eval_every = job.engine.eval_every if job.engine.eval_every or job.engine.mode == "fast" else 1
-    loader = training_loader(train_data, prepared.source, job.data, job.engine, prepared.device)
-    reporter = EpochReporter(log, evaluator, eval_every)
-    unlearned = prepared.unlearned
+    loader = run.defense_loader(defense.train)
+    reporter = EpochReporter(log, run.evaluator(), eval_every)
+    unlearned = inputs.unlearned
     if unlearned is None:
-        tick = time.perf_counter()
-        log.info(EPOCH_HEADER)
-        log.info("----------- Model Unlearning --------------")
-        bar = log.bar(job.rnp.unlearning_epochs + 1, "unlearning")
-        result = unlearn(prepared.backdoored, loader, job.rnp, reporter.callback(bar), prepared.engine)
-        bar.close()
-        unlearned = result.model
-        stop.update(stop_epoch=result.stop_epoch, reached_threshold=result.reached_threshold)
-        stop["diverged_epoch"] = result.diverged_epoch
-        if result.diverged_epoch is not None:
-            log.info(
-                f"WARNING: unlearning diverged in epoch {result.diverged_epoch} (non-finite loss or weights); "
-                f"continuing with the state after epoch {result.stop_epoch}. Lower --unlearning-lr."
-            )
-        elif not result.reached_threshold:
-            log.info(
-                f"WARNING: training accuracy never reached --clean-threshold {job.rnp.clean_threshold} in "
-                f"{job.rnp.unlearning_epochs + 1} epochs; continuing with the last unlearned state"
-            )
-        timings["unlearn"] = time.perf_counter() - tick - reporter.take_seconds()
+        unlearned = unlearning(job, run, inputs.backdoored, loader, reporter, log, timings, stop)
     tick = time.perf_counter()
     log.info("----------- Model Recovering --------------")
     log.info(EPOCH_HEADER)
-    masked = new_model(job.model, prepared.source.num_classes, MaskedBatchNorm2d).to(prepared.device)
+    masked = run.new_model(MaskedBatchNorm2d)
+    sample = next(iter(loader))[0] if run.engine.bn_kernel == "auto" else None
     bar = log.bar(job.rnp.recovering_epochs, "recovering")
-    result = recover(masked, unlearned, loader, job.rnp, reporter.callback(bar), prepared.engine)
+    result = recover(masked, unlearned, loader, job.rnp, reporter.callback(bar), run.engine, sample)
     bar.close()
     timings["recover"] = time.perf_counter() - tick - reporter.take_seconds()
+    timings["recover_first_step"] = result.step_timings.first_call_seconds
     timings["epoch_eval"] = reporter.total_seconds
     timings["batches"] = reporter.data_seconds  # part of unlearn and recover
     bad = [c for c in result.channels if not torch.isfinite(torch.tensor(c.value))]
@@ -234,6 +222,31 @@ def learn_masks(job, prepared, train_data, evaluator, log, timings, stop) -> lis
             f"recovering produced non-finite masks (e.g. {bad[0].layer}[{bad[0].index}]); lower --recovering-lr"
         )
     return result.channels
+
+
+def unlearning(job, run: ResolvedRun, backdoored, loader, reporter, log, timings, stop) -> nn.Module:
+    tick = time.perf_counter()
+    log.info(EPOCH_HEADER)
+    log.info("----------- Model Unlearning --------------")
+    bar = log.bar(job.rnp.unlearning_epochs + 1, "unlearning")
+    result = unlearn(backdoored, loader, job.rnp, reporter.callback(bar), run.engine)
+    bar.close()
+    stop.update(stop_epoch=result.stop_epoch, reached_threshold=result.reached_threshold)
+    stop["diverged_epoch"] = result.diverged_epoch
+    if result.diverged_epoch is not None:
+        log.info(
+            f"WARNING: unlearning diverged in epoch {result.diverged_epoch} (non-finite loss or weights); "
+            f"continuing with the state after epoch {result.stop_epoch}. Lower --unlearning-lr."
+        )
+    elif not result.reached_threshold:
+        log.info(
+            f"WARNING: training accuracy never reached --clean-threshold {job.rnp.clean_threshold} in "
+            f"{job.rnp.unlearning_epochs + 1} epochs; continuing with the last unlearned state"
+        )
+    timings["unlearn"] = time.perf_counter() - tick - reporter.take_seconds()
+    timings["unlearn_first_step"] = result.step_timings.first_call_seconds
+    stop["compile_warm"] = result.step_timings.warm
+    return result.model
 
 
 class EpochReporter:
@@ -275,7 +288,15 @@ def pick(job: DefendJob, steps, ranked, base_holdout, holdout, data: str) -> tup
     return choice, steps[choice.index] if choice.index is not None else None
 
 
-def save_purified(run: RunDirectory, model: nn.Module, chosen: PruneStep | None, job: DefendJob) -> None:
+def write_outputs(out: RunDirectory, job: DefendJob, pruning: Pruning, purified: nn.Module) -> None:
+    by = job.rnp.pruning_by
+    out.write_text(f"pruning_by_{by}.txt", format_pruning_table(pruning.steps, pruning.metrics, by))
+    out.write_text("pruning.csv", format_pruning_csv(pruning.steps, pruning.metrics, pruning.holdout))
+    plot_pruning(out.path("pruning.png"), pruning.steps, pruning.metrics, by, pruning.choice.index)
+    save_purified(out, purified, pruning.chosen, job)
+
+
+def save_purified(out: RunDirectory, model: nn.Module, chosen: PruneStep | None, job: DefendJob) -> None:
     state = model.state_dict()
     info = {
         "arch": job.model.arch,
@@ -283,11 +304,13 @@ def save_purified(run: RunDirectory, model: nn.Module, chosen: PruneStep | None,
         "pruned": str(chosen.count if chosen else 0),
         "threshold": str(chosen.label if chosen else None),
     }
-    save_safetensors(state, run.path("purified.safetensors"), metadata=info)
-    save_reference_checkpoint(state, run.path("purified.pth"), **info)
+    save_safetensors(state, out.path("purified.safetensors"), metadata=info)
+    save_reference_checkpoint(state, out.path("purified.pth"), **info)
 
 
-def make_summary(job, before: Metrics, after: Metrics, chosen, choice, stop, timings, device, rule_data) -> dict:
+def make_summary(job: DefendJob, pruning: Pruning, stop, timings, run: ResolvedRun, defense: DefenseData) -> dict:
+    before, after, chosen = pruning.before, pruning.after, pruning.chosen
+    by_threshold = job.rnp.pruning_by == "threshold"
     return {
         "clean_acc_before": before.clean_acc,
         "asr_before": before.asr,
@@ -298,36 +321,40 @@ def make_summary(job, before: Metrics, after: Metrics, chosen, choice, stop, tim
         "robust_acc_before": before.robust_acc,
         "robust_acc_after": after.robust_acc,
         "der": defense_effectiveness(before, after),
-        "threshold": chosen.label if chosen and job.rnp.pruning_by == "threshold" else job.rnp.threshold,
+        "threshold": chosen.label if chosen and by_threshold else job.rnp.threshold,
         "pruned": chosen.count if chosen else 0,
         "pruning_by": job.rnp.pruning_by,
-        "rule": choice.rule,
-        "rule_data": rule_data,  # held-out images, or training images when none are held out
+        "rule": pruning.choice.rule,
+        "rule_data": None if job.rnp.threshold is not None else defense.rule_data,
         "unlearning_stop_epoch": stop["stop_epoch"],
         "unlearning_reached_threshold": stop["reached_threshold"],
         "unlearning_diverged_epoch": stop["diverged_epoch"],
         "seconds": timings["total"],
         "timings": timings,
+        "engine": engine_summary(run, stop),
         "mode": job.engine.mode,
-        "device": describe_device(device),
+        "device": describe_device(run.device),
+    }
+
+
+def engine_summary(run: ResolvedRun, stop: dict) -> dict:
+    """What ran accelerated, and whether compiled code came warm from this process's cache."""
+    engine = run.engine
+    return {
+        "compile": engine.compile,
+        "cuda_graphs": engine.cuda_graphs,
+        "amp": str(engine.amp).removeprefix("torch.") if engine.amp else None,
+        "compile_cache": ("warm, in-process" if stop.get("compile_warm") else "cold") if engine.compile else None,
+        "reasons": list(engine.reasons),
     }
 
 
 def resolved_config(job: DefendJob, device: torch.device) -> dict:
-    import platform
-
-    import numpy
-
     return {
         "model_path": str(Path(job.model_path).resolve()),
         "mask_file": job.mask_file,
         "unlearned_model": job.unlearned_model,
         **to_dict(job.model, job.data, job.attack, job.rnp, job.engine),
-        "versions": {
-            "rnp_fast": __version__,
-            "torch": torch.__version__,
-            "numpy": numpy.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
         "device": describe_device(device),
     }

@@ -36,7 +36,8 @@ def demo_checkpoint() -> str:
     return str(resources.files("rnp_fast") / "assets" / CHECKPOINT)
 
 
-def demo_job(out: str, device: str = "auto", mode: str = "fast", quiet: bool = False):
+def demo_job(out: str, engine: EngineConfig | None = None):
+    """The demo's defense, with the caller's engine settings (default: EngineConfig())."""
     from rnp_fast.defend import DefendJob
 
     return DefendJob(
@@ -46,11 +47,11 @@ def demo_job(out: str, device: str = "auto", mode: str = "fast", quiet: bool = F
         data=DataConfig(**DEMO_DATA),
         attack=AttackConfig(attack="badnets", label_mode="all2one", target=0),
         rnp=RNPConfig(**DEMO_RNP),
-        engine=EngineConfig(device=device, mode=mode, quiet=quiet),
+        engine=engine or EngineConfig(),
     )
 
 
-def run_demo(out: str, device: str = "auto", mode: str = "fast", quiet: bool = False) -> dict:
+def run_demo(out: str, engine: EngineConfig | None = None) -> dict:
     from rnp_fast.defend import run_defense
 
-    return run_defense(demo_job(out, device, mode, quiet))
+    return run_defense(demo_job(out, engine))

@@ -1,23 +1,26 @@
-"""Engine settings: how the learning steps run (compilation, precision, layout, BatchNorm kernel).
+"""Engine settings: how the learning steps and the evaluation run (compilation, CUDA graphs,
+precision, layout, BatchNorm kernel, cuDNN autotuning).
 
 The flags (`EngineConfig`) may say "auto"; `resolve_engine` turns them into concrete settings for a
-device: fast on CUDA (torch.compile, bf16 autocast, channels_last, the BatchNorm kernel where the
-measured table says it wins), safe on CPU (eager fp32 training in the reference's layout, so its
-masks match the reference mode's; evaluation, which feeds nothing back, in channels_last and
-small batches). The reference mode always runs eager fp32 NCHW
-with the reference's batch sizes, as the reference does.
+device, with the reason for each choice that is not obvious:
 
-Static shapes: the steps are compiled with ``dynamic=False``. A defense set whose size is not a
-multiple of the batch size has one partial last batch, so each step compiles at most twice (full
-and last batch), once per process, never once per epoch; the partial batch is never padded, since
-padding would enter BatchNorm's batch statistics and change the math.
+- CUDA: bf16 autocast, channels_last, cuDNN autotuning, the fused masked-BatchNorm operator where
+  the measured table says the whole recover step is faster, and either torch.compile'd steps
+  (where the process reuses them: a sweep, a benchmark, repeated defenses from Python) or, for a
+  single defense where compilation would not pay back, eager steps replayed as CUDA graphs;
+- CPU: eager fp32 training in the reference's layout, so its masks match the reference mode's;
+  evaluation (which feeds nothing back into training) in channels_last with small batches;
+- the reference mode: always eager fp32 NCHW with the reference's batch sizes.
+
+`apply_engine` then makes the per-model choices once, at set-up (layout, and the BatchNorm kernel
+of every masked layer): nothing inside a forward looks anything up.
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,12 +37,18 @@ class EngineSettings:
     amp: torch.dtype | None = None
     channels_last: bool = False
     cuda_graphs: bool = False
-    bn_kernel: str = "torch"  # torch, triton or auto (per layer shape, from the measured table)
+    bn_kernel: str = "torch"  # torch, triton (the fused operator) or auto (the measured table decides)
     eval_rows: int | None = None  # images per evaluation forward; None: --eval-batch-size
     eval_channels_last: bool = False  # layout of evaluation inputs
+    deterministic: bool = False
+    compile_backend: object = "inductor"  # tests count graphs with a backend of their own
+    reasons: tuple[str, ...] = field(default=(), compare=False)  # why compile / CUDA graphs are on or off
 
-    def autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=self.amp) if self.amp else nullcontext()
+    def autocast(self, device: torch.device, cache: bool = True):
+        """The engine's precision; ``cache=False`` inside CUDA-graph captures (required there)."""
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.amp, cache_enabled=cache)
 
     def describe(self) -> str:
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[self.amp]
@@ -55,14 +64,22 @@ EAGER = EngineSettings()
 CPU_EVAL_ROWS = 64
 
 
-def resolve_engine(config, device: torch.device) -> EngineSettings:
-    """Concrete settings for ``device`` from an `EngineConfig` (None / "auto" = the device's default)."""
-    if config.mode == "reference":
-        return EAGER
+def resolve_engine(config, device: torch.device, reuse: bool = False) -> EngineSettings:
+    """Concrete settings for ``device`` from an `EngineConfig` (None / "auto" = the device's default).
+
+    ``reuse``: this process will run the same steps again (a sweep, a benchmark, repeated
+    defenses), which is where compilation pays back its cold start."""
+    if config.mode == "reference":  # the reference's way: eager fp32 NCHW (deterministic if asked)
+        settings = EngineSettings(deterministic=config.deterministic)
+        configure_backends(settings, device)
+        return settings
     cuda = device.type == "cuda"
+    compile_on, compile_reason = choose_compile(config.compile, cuda, reuse)
+    graphs_on = cuda and not compile_on if config.cuda_graphs is None else bool(config.cuda_graphs)
+    amp = AMP_DTYPES["bf16" if cuda else "off"] if config.amp == "auto" else AMP_DTYPES[config.amp]
     settings = EngineSettings(
-        compile=cuda if config.compile is None else config.compile,
-        amp=AMP_DTYPES["bf16" if cuda else "off"] if config.amp == "auto" else AMP_DTYPES[config.amp],
+        compile=compile_on,
+        amp=amp,
         # Training layout: NHWC is ~1.2x faster on the CPU too, but it changes the order of float
         # operations, and a short unlearning run amplifies that (mask values moved by up to 0.9 on
         # the tiny test model), so the CPU keeps the reference's layout and its results
@@ -70,24 +87,74 @@ def resolve_engine(config, device: torch.device) -> EngineSettings:
         # Evaluation does not feed back into training: NHWC there (4x faster on the CPU,
         # benchmarks/results/layout_demo_cpu.json)
         eval_channels_last=True if config.channels_last is None else config.channels_last,
-        cuda_graphs=bool(config.cuda_graphs),
+        cuda_graphs=graphs_on,
         bn_kernel=("auto" if cuda else "torch") if config.bn_kernel == "auto" else config.bn_kernel,
         # CPU: per-image cost is lowest at small batches, which stay in cache (channels_last, demo
         # model: 64 images 0.19 ms/image, 512 images 0.55 ms/image); the GPU wants the large batch
         eval_rows=None if cuda else CPU_EVAL_ROWS,
+        deterministic=config.deterministic,
+        reasons=(compile_reason, graphs_reason(graphs_on, compile_on, config.cuda_graphs, cuda)),
     )
     check_settings(settings, device)
-    if config.deterministic:
-        make_deterministic()
+    configure_backends(settings, device)
     return settings
+
+
+def choose_compile(flag: bool | None, cuda: bool, reuse: bool) -> tuple[bool, str]:
+    if flag is not None:
+        return flag, f"compile {'on' if flag else 'off'} (--{'' if flag else 'no-'}compile)"
+    if not cuda:
+        return False, "compile off: the CPU runs eager (--compile forces it)"
+    if reuse:
+        return True, "compile on: this process reuses the compiled steps (sweep, benchmark or repeated defenses)"
+    return False, (
+        "compile off: a single defense would spend more on compiling (tens of seconds cold) than it saves; "
+        "--compile forces it, sweeps and benchmarks turn it on"
+    )
+
+
+def graphs_reason(on: bool, compile_on: bool, flag: bool | None, cuda: bool) -> str:
+    if not cuda:
+        return "cuda graphs off: no CUDA device"
+    if flag is not None:
+        return f"cuda graphs {'on' if on else 'off'} (--{'' if on else 'no-'}cuda-graphs)"
+    if compile_on:
+        return "cuda graphs off: the compiled steps run without them (--cuda-graphs: reduce-overhead mode)"
+    return "cuda graphs on: the eager learning steps are captured once and replayed"
+
+
+def check_settings(settings: EngineSettings, device: torch.device) -> None:
+    if settings.cuda_graphs and device.type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA device")
+    if settings.amp is torch.float16:
+        raise UserError(
+            "--amp fp16 needs a CUDA device and a gradient scaler, and rnp-fast has none (recovering's mask "
+            "gradients underflow in fp16, ascent can overflow): use --amp bf16 (as fast on current GPUs) or off"
+        )
+    if settings.bn_kernel == "triton" and device.type != "cuda":
+        raise UserError("--bn-kernel triton needs a CUDA device (the kernels run on the GPU)")
+    if settings.bn_kernel == "triton":
+        from rnp_fast.kernels import triton_available
+
+        if not triton_available():
+            raise UserError("--bn-kernel triton needs Triton: pip install 'rnp-fast[triton]'")
+
+
+def configure_backends(settings: EngineSettings, device: torch.device) -> None:
+    """Process-wide switches: cuDNN autotuning in fast mode on CUDA, or deterministic kernels."""
+    if settings.deterministic:
+        make_deterministic()
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotuned convolutions pay back at once
 
 
 def make_deterministic() -> None:
     """Deterministic kernels everywhere (CPU runs are already bit-identical for a seed).
 
     cuDNN's autotuner and non-deterministic algorithms are turned off, cuBLAS gets a fixed
-    workspace, and PyTorch raises on an operation that has no deterministic version. The Triton
-    masked BatchNorm reduces without atomics, so it is deterministic as it is.
+    workspace, and PyTorch raises on an operation that has no deterministic version. The models
+    pool with avg_pool2d, whose CUDA backward is deterministic; the Triton masked BatchNorm
+    reduces without atomics, so it is deterministic as it is.
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
@@ -95,42 +162,15 @@ def make_deterministic() -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def check_settings(settings: EngineSettings, device: torch.device) -> None:
-    if settings.cuda_graphs and not (device.type == "cuda" and settings.compile):
-        raise UserError("--cuda-graphs needs a CUDA device and --compile")
-    if settings.amp is torch.float16 and device.type != "cuda":
-        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
-    if settings.bn_kernel == "triton":
-        from rnp_fast.kernels import triton_available
-
-        if device.type != "cuda":
-            raise UserError("--bn-kernel triton needs a CUDA device (the kernels run on the GPU)")
-        if not triton_available():
-            raise UserError("--bn-kernel triton needs Triton: pip install 'rnp-fast[triton]'")
-
-
-def prepare_model(model: nn.Module, settings: EngineSettings) -> nn.Module:
-    """Layout and BatchNorm kernel choice, in place (the weights are unchanged)."""
-    from rnp_fast.masked_bn import set_bn_kernel
+def apply_engine(model: nn.Module, settings: EngineSettings, sample: torch.Tensor | None = None) -> nn.Module:
+    """Layout and BatchNorm kernel choice, in place (the weights are unchanged). ``sample``: one
+    input batch, which tells the `auto` kernel choice the shape of every masked layer."""
+    from rnp_fast.masked_bn import choose_bn_kernels
 
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
-    set_bn_kernel(model, settings.bn_kernel)
+    choose_bn_kernels(model, settings.bn_kernel, sample, settings.amp)
     return model
-
-
-def compiled(model: nn.Module, settings: EngineSettings):
-    """The callable the steps use: the model itself, or its torch.compile'd version.
-
-    Compiled code is reused: within a process, Dynamo caches per forward code and guards (modules
-    are inlined, so a new model of the same architecture reuses it: a sweep compiles once); across
-    processes, Inductor's FX-graph and AOTAutograd caches live in the user's cache directory.
-    """
-    if not settings.compile:
-        return model
-    use_persistent_cache()
-    mode = "reduce-overhead" if settings.cuda_graphs else None  # reduce-overhead = CUDA graphs
-    return torch.compile(model, dynamic=False, mode=mode)
 
 
 def use_persistent_cache() -> None:

@@ -11,14 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rnp_fast.config import RNPConfig
-from rnp_fast.engine import EAGER, EngineSettings, compiled, prepare_model, sgd, to_layout
+from rnp_fast.engine import EAGER, EngineSettings, apply_engine, sgd
 from rnp_fast.loops import EpochStats, current_lr, run_epoch
-from rnp_fast.masked_bn import clamp_masks_, masked_batchnorm_layers
+from rnp_fast.masked_bn import mask_clamp, masked_batchnorm_layers
 from rnp_fast.prune import Channel
+from rnp_fast.steps import StepTimings, make_step, recover_recipe
 
 
 @dataclass
@@ -26,6 +26,7 @@ class RecoverResult:
     model: nn.Module
     channels: list[Channel]  # every BatchNorm channel with its mask value, in module order
     history: list[EpochStats] = field(default_factory=list)
+    step_timings: StepTimings = field(default_factory=StepTimings)
 
 
 def prepare_masked_model(masked: nn.Module, unlearned: nn.Module) -> list[nn.Parameter]:
@@ -40,23 +41,6 @@ def prepare_masked_model(masked: nn.Module, unlearned: nn.Module) -> list[nn.Par
     return masks
 
 
-def recover_step(model: nn.Module, optimizer: torch.optim.Optimizer, alpha: float, engine: EngineSettings = EAGER):
-    forward = compiled(model, engine)
-    device = next(model.parameters()).device
-
-    def step(images: torch.Tensor, labels: torch.Tensor):
-        with engine.autocast(device):
-            logits = forward(to_layout(images, engine))
-            loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        (alpha * loss).backward()
-        optimizer.step()
-        clamp_masks_(model)
-        return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()
-
-    return step
-
-
 def recover(
     masked: nn.Module,
     unlearned: nn.Module,
@@ -64,12 +48,23 @@ def recover(
     config: RNPConfig,
     on_epoch: Callable[[nn.Module, EpochStats], None] | None = None,
     engine: EngineSettings = EAGER,
+    sample: torch.Tensor | None = None,
 ) -> RecoverResult:
-    """Train the masks of ``masked`` (epochs 1..recovering_epochs) starting from ``unlearned``."""
+    """Train the masks of ``masked`` (epochs 1..recovering_epochs) starting from ``unlearned``.
+    ``sample``: one training batch, which tells the `auto` BatchNorm kernel choice the shapes."""
     masks = prepare_masked_model(masked, unlearned)
-    prepare_model(masked, engine)
+    apply_engine(masked, engine, sample)
     optimizer = sgd(masks, masks[0].device, lr=config.recovering_lr, momentum=config.momentum)
-    step = recover_step(masked, optimizer, config.alpha, engine)
+    timings = StepTimings()
+    step = make_step(
+        masked,
+        optimizer,
+        recover_recipe(config.alpha),
+        engine,
+        getattr(loader, "batch_size", None),
+        mask_clamp(masks, engine),
+        timings,
+    )
     history: list[EpochStats] = []
     for epoch in range(1, config.recovering_epochs + 1):
         loader.set_epoch(epoch)
@@ -78,7 +73,7 @@ def recover(
         history.append(stats)
         if on_epoch is not None:
             on_epoch(masked, stats)
-    return RecoverResult(masked, mask_channels(masked), history)
+    return RecoverResult(masked, mask_channels(masked), history, timings)
 
 
 def mask_channels(masked: nn.Module) -> list[Channel]:

@@ -15,7 +15,7 @@ import io
 from pathlib import Path
 
 from rnp_fast.errors import UserError
-from rnp_fast.evaluate import Metrics
+from rnp_fast.evaluation.metrics import Metrics
 from rnp_fast.prune import Channel, PruneStep
 
 MASK_HEADER = "No \t Layer Name \t Neuron Idx \t Mask Score \n"

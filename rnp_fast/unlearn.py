@@ -18,13 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rnp_fast.config import RNPConfig
-from rnp_fast.engine import EAGER, EngineSettings, compiled, prepare_model, sgd, to_layout
+from rnp_fast.engine import EAGER, EngineSettings, apply_engine, sgd
 from rnp_fast.errors import UserError
 from rnp_fast.loops import EpochStats, current_lr, run_epoch
+from rnp_fast.steps import StepTimings, make_step, unlearn_recipe
 
 
 @dataclass
@@ -34,24 +34,7 @@ class UnlearnResult:
     reached_threshold: bool
     history: list[EpochStats] = field(default_factory=list)
     diverged_epoch: int | None = None  # the epoch whose loss or weights went non-finite (then undone)
-
-
-def unlearn_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, engine: EngineSettings = EAGER):
-    forward = compiled(model, engine)
-    device = next(model.parameters()).device
-
-    def step(images: torch.Tensor, labels: torch.Tensor):
-        with engine.autocast(device):
-            logits = forward(to_layout(images, engine))
-            loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        (-loss).backward()  # ascent: minimise the negative loss
-        if grad_clip > 0:  # off by default: the reference clips before backward, a no-op
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        return loss.detach() * len(labels), (logits.argmax(1) == labels).sum()
-
-    return step
+    step_timings: StepTimings = field(default_factory=StepTimings)
 
 
 def unlearn(
@@ -62,7 +45,7 @@ def unlearn(
     engine: EngineSettings = EAGER,
 ) -> UnlearnResult:
     """Unlearn a copy of ``backdoored`` over ``loader`` (epochs 0..unlearning_epochs)."""
-    model = prepare_model(copy.deepcopy(backdoored).train(), engine)
+    model = apply_engine(copy.deepcopy(backdoored).train(), engine)
     optimizer = sgd(
         model.parameters(),
         next(model.parameters()).device,
@@ -71,7 +54,10 @@ def unlearn(
         weight_decay=config.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.schedule), gamma=0.1)
-    step = unlearn_step(model, optimizer, config.grad_clip, engine)
+    timings = StepTimings()
+    step = make_step(
+        model, optimizer, unlearn_recipe(config.grad_clip), engine, getattr(loader, "batch_size", None), timings=timings
+    )
     history: list[EpochStats] = []
     last_finite = copy.deepcopy(model.state_dict())
     for epoch in range(config.unlearning_epochs + 1):
@@ -80,15 +66,15 @@ def unlearn(
         stats = run_epoch(loader, step, loader.num_images, epoch, current_lr(optimizer))
         scheduler.step()
         if not (math.isfinite(stats.loss) and weights_finite(model)):
-            return diverged(model, last_finite, epoch, stats, history)
+            return diverged(model, last_finite, epoch, stats, history, timings)
         last_finite = copy.deepcopy(model.state_dict())
         history.append(stats)
         if on_epoch is not None:
             on_epoch(model, stats)
         if stats.acc <= config.clean_threshold and config.early_stop:
-            return UnlearnResult(model, epoch, True, history)
+            return UnlearnResult(model, epoch, True, history, step_timings=timings)
     reached = bool(history) and history[-1].acc <= config.clean_threshold
-    return UnlearnResult(model, config.unlearning_epochs, reached, history)
+    return UnlearnResult(model, config.unlearning_epochs, reached, history, step_timings=timings)
 
 
 def weights_finite(model: nn.Module) -> bool:
@@ -98,9 +84,9 @@ def weights_finite(model: nn.Module) -> bool:
     )
 
 
-def diverged(model: nn.Module, last_finite: dict, epoch: int, stats: EpochStats, history) -> UnlearnResult:
+def diverged(model: nn.Module, last_finite: dict, epoch: int, stats: EpochStats, history, timings) -> UnlearnResult:
     """Gradient ascent blew up: keep the state before this epoch, or refuse if there is none."""
     if epoch == 0:
         raise UserError(f"unlearning diverged in its first epoch (loss {stats.loss}); lower --unlearning-lr")
     model.load_state_dict(last_finite)
-    return UnlearnResult(model, epoch - 1, False, history, diverged_epoch=epoch)
+    return UnlearnResult(model, epoch - 1, False, history, diverged_epoch=epoch, step_timings=timings)

@@ -12,11 +12,12 @@ from rnp_fast.attacks import build_trigger, parse_attack_params, training_plan
 from rnp_fast.attacks.blend import noise_pattern
 from rnp_fast.attacks.label_consistent import LabelConsistentTrigger, pgd_linf
 from rnp_fast.cli import main
-from rnp_fast.config import AttackConfig, DataConfig, ModelConfig
+from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, TrainConfig
 from rnp_fast.errors import UserError
 from rnp_fast.loaders.sources import ImageSet, load_source
 from rnp_fast.models import build_model
-from rnp_fast.train import TrainConfig, harden_poisoned_images
+from rnp_fast.resolved import resolve_run
+from rnp_fast.train import harden_poisoned_images
 
 # ---------------------------------------------------------------- --attack-param / --trigger-seed
 
@@ -146,8 +147,10 @@ def test_hardening_perturbs_only_the_poisoned_target_images(tmp_path):
     source.train = source.train.subset(torch.arange(120))  # a small slice keeps the test fast on CPU
     trigger = build_trigger("lc", eps=4, steps=2, clean_epochs=1)
     plan = training_plan(trigger, source.train.labels, 0.05, "clean-label", 3, 10, seed=0)
-    config = (ModelConfig(width=TINY_WIDTH), DataConfig(dataset="digits", batch_size=32), TrainConfig(epochs=1))
-    hardened, facts = harden_poisoned_images(trigger, plan, source, *config, "cpu")
+    attack = AttackConfig(attack="lc", attack_param=["eps=4", "steps=2", "clean_epochs=1"])
+    data = DataConfig(dataset="digits", batch_size=32)
+    run = resolve_run(ModelConfig(width=TINY_WIDTH), data, attack, EngineConfig(device="cpu"), source=source)
+    hardened, facts = harden_poisoned_images(run, plan, TrainConfig(epochs=1))
     assert isinstance(hardened, ImageSet) and torch.equal(hardened.labels, source.train.labels)
     chosen = plan.poisoned
     assert (source.train.labels[chosen] == 3).all() and int(chosen.sum()) == 6
@@ -192,3 +195,26 @@ def test_no_poison_trains_the_clean_baseline_whatever_the_attack(tmp_path):
     summary = json.loads((tmp_path / "lc" / "summary.json").read_text())
     assert summary["poisoned_images"] == 0 and "label_consistent" not in summary
     assert summary["AttackConfig"]["poison"] is False and 0 <= summary["asr"] <= 1
+
+
+def test_train_backdoor_takes_the_engine_flags(tmp_path, monkeypatch):
+    """--compile / --amp reach the training step (compiled here with Dynamo's eager backend:
+    graph capture without code generation)."""
+    from dataclasses import replace
+
+    from rnp_fast import train
+
+    seen, fit = [], train.fit
+
+    def recording_fit(model, loader, config, on_epoch=None, engine=None):
+        seen.append(engine)
+        return fit(model, loader, config, on_epoch, replace(engine, compile_backend="eager"))
+
+    monkeypatch.setattr(train, "fit", recording_fit)
+    out = tmp_path / "run"
+    args = ["train-backdoor", "--out", str(out), "--width", str(TINY_WIDTH), "--device", "cpu", "--quiet"]
+    args += ["--dataset", "digits", "--epochs", "1", "--batch-size", "64", "--compile", "--amp", "bf16"]
+    assert main(args) == 0
+    assert seen[0].compile and seen[0].amp is torch.bfloat16
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["EngineConfig"]["amp"] == "bf16" and summary["EngineConfig"]["compile"] is True

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from rnp_fast.bench import PHASES, BenchConfig, format_table, phase_seconds, run_bench, save_result, speedups
+from rnp_fast.bench import PHASES, format_table, phase_seconds, run_bench, save_result, speedups
 from rnp_fast.cli import main
+from rnp_fast.config import BenchConfig
 from rnp_fast.errors import UserError
 
 

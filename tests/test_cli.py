@@ -75,3 +75,16 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: rnp-fast {command}" in capsys.readouterr().out
+
+
+def test_renamed_scoring_flags_still_work_with_a_deprecation_line(capsys, tmp_path):
+    from rnp_fast.cli import build_parser
+    from rnp_fast.sweep.spec import load_sweep
+
+    args = build_parser().parse_args(["defend", "--model", "m", "--out", "o", "--sweep-mode", "sequential"])
+    assert args.scoring == "sequential"
+    assert "--sweep-mode is deprecated, use --scoring" in capsys.readouterr().err
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text("fixed:\n  engine: {sweep_chunk: 3}\n")
+    assert load_sweep(sweep_file).jobs[0].engine.scoring_chunk == 3
+    assert "engine.sweep_chunk is deprecated, use engine.scoring_chunk" in capsys.readouterr().err

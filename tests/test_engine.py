@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import copy
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from rnp_fast.errors import UserError
 from rnp_fast.kernels import auto_table
 from rnp_fast.loaders.device_loader import DeviceLoader
 from rnp_fast.loaders.sources import load_source
-from rnp_fast.masked_bn import MaskedBatchNorm2d, set_bn_kernel
+from rnp_fast.masked_bn import MaskedBatchNorm2d, choose_bn_kernels
 from rnp_fast.models import build_model
 from rnp_fast.recover import recover
 
@@ -84,32 +84,35 @@ def test_compiled_recover_matches_eager():
     assert (eager - compiled).abs().mean() < 1e-5
 
 
-def test_bn_kernel_choice_falls_back_to_torch_off_the_gpu():
-    layer = MaskedBatchNorm2d(4)
+def test_bn_kernel_choice_is_made_once_per_layer():
+    model = torch.nn.Sequential(MaskedBatchNorm2d(4)).train()
     x = torch.randn(2, 4, 3, 3)
-    expected = layer(x)
-    set_bn_kernel(layer, "triton")
-    assert not layer.uses_triton(x)  # a CPU tensor never goes to the GPU kernel
-    assert torch.equal(layer(x), expected)
+    expected = copy.deepcopy(model)(x)
+    choose_bn_kernels(model, "triton", x)
+    assert model[0].fused  # the fused operator (its PyTorch implementation on a CPU tensor)
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    choose_bn_kernels(model, "auto", x)
+    assert not model[0].fused  # auto never picks the operator off the GPU
     with pytest.raises(ValueError, match="torch, triton or auto"):
-        set_bn_kernel(layer, "cudnn")
+        choose_bn_kernels(model, "cudnn", x)
 
 
 def test_auto_table_lists_only_measured_winners(tmp_path, monkeypatch):
     table = tmp_path / "auto_table.json"
-    winners = [
-        {"channels": 64, "height": 32, "width": 32, "dtype": "bfloat16", "provider": "triton"},
-        {"channels": 512, "height": 4, "width": 4, "dtype": "bfloat16", "provider": "torch"},
+    model = build_model("resnet18", 10, TINY_WIDTH, MaskedBatchNorm2d)
+    listed, other = (128, 3, 32, 32), (64, 3, 32, 32)
+    cases = [
+        {"key": auto_table.case_key("cpu", model, listed, torch.bfloat16), "torch_ms": 2.0, "fused_ms": 1.0},
+        {"key": auto_table.case_key("cpu", model, other, None), "torch_ms": 1.0, "fused_ms": 2.0},
     ]
-    table.write_text(json.dumps({"winners": winners}))
     monkeypatch.setattr(auto_table, "TABLE", table)
-    auto_table.measured_winners.cache_clear()
+    auto_table.write_table(cases, {"device": "cpu"})
     try:
-        assert auto_table.triton_wins(torch.empty(8, 64, 32, 32, dtype=torch.bfloat16))
-        assert not auto_table.triton_wins(torch.empty(8, 512, 4, 4, dtype=torch.bfloat16))
-        assert not auto_table.triton_wins(torch.empty(8, 128, 16, 16, dtype=torch.bfloat16))  # not measured
+        assert auto_table.fused_wins(model, torch.empty(listed), torch.bfloat16)
+        assert not auto_table.fused_wins(model, torch.empty(other), None)
+        assert not auto_table.fused_wins(model, torch.empty(listed), None)  # not measured
     finally:
-        auto_table.measured_winners.cache_clear()
+        auto_table.measured_cases.cache_clear()
 
 
 def test_deterministic_flag_switches_pytorch_to_deterministic_kernels():

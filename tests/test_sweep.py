@@ -22,8 +22,9 @@ import pytest
 from tests_support import TINY_WIDTH
 
 from rnp_fast.cli import main
+from rnp_fast.config import SweepRunConfig
 from rnp_fast.errors import UserError
-from rnp_fast.sweep.runner import RunOptions, run_sweep
+from rnp_fast.sweep.runner import run_sweep
 from rnp_fast.sweep.spec import load_sweep
 from rnp_fast.sweep.store import ResultsStore, exclusive, open_existing
 
@@ -113,6 +114,28 @@ def test_where_a_job_runs_is_not_part_of_its_identity(tmp_path):
     assert replace(job, rnp=replace(job.rnp, alpha=0.9)).hash != job.hash
 
 
+def test_engine_values_of_a_sweep_reach_training(tmp_path, monkeypatch):
+    """engine.compile / engine.amp apply to the backdoor training too, and models trained with
+    different precision are different models (their training hash differs)."""
+    from rnp_fast import train
+    from rnp_fast.sweep import execute
+
+    text = "fixed:\n  engine: {compile: true}\naxes:\n  engine.amp: ['off', bf16]\n"
+    jobs = load_sweep(write(tmp_path / "s.yaml", text)).jobs
+    assert len({job.train_hash for job in jobs}) == 2
+    seen = []
+
+    def record(out, model, data, attack, train_config, engine, reuse=False):
+        seen.append((engine.compile, engine.amp, reuse))
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(train, "train_backdoor", record)
+    for job in jobs:
+        with pytest.raises(RuntimeError, match="recorded"):
+            execute.backdoored_model(job, tmp_path / "models", "cpu")
+    assert seen == [(True, "off", True), (True, "bf16", True)]
+
+
 BAD_SWEEPS = {
     "unknown key": ("fixed:\n  rnp: {alfa: 0.2}\n", "fixed.rnp.alfa: unknown key"),
     "unknown top-level key": ("axis:\n  seed: [0]\n", "axis: unknown key"),
@@ -193,14 +216,14 @@ def test_store_keeps_one_row_per_job_and_requeues(tmp_path):
 def test_one_driver_per_store(tmp_path):
     sweep_file = write(tmp_path / "s.yaml", TWELVE_JOBS)
     with exclusive(tmp_path / "store"), pytest.raises(UserError, match="another sweep is running"):
-        run_sweep(str(sweep_file), RunOptions(store=str(tmp_path / "store"), gpus=0, quiet=True))
+        run_sweep(str(sweep_file), SweepRunConfig(store=str(tmp_path / "store"), gpus=0, quiet=True))
 
 
 def test_failed_jobs_are_recorded_and_retried_on_request(tmp_path):
     # a dataset directory that does not exist: the job fails in its first second
     text = "fixed:\n  data: {dataset: cifar10, data_dir: /nonexistent/cifar}\naxes:\n  rnp.alpha: [0.2]\n"
     sweep_file = write(tmp_path / "fails.yaml", text)
-    options = RunOptions(store=str(tmp_path / "store"), gpus=0, quiet=True)
+    options = SweepRunConfig(store=str(tmp_path / "store"), gpus=0, quiet=True)
     assert run_sweep(str(sweep_file), options)["failed"] == 1
     [row] = open_existing(tmp_path / "store").rows()
     assert row["status"] == "failed" and "/nonexistent/cifar" in row["error"] and "\n" not in row["error"]
@@ -279,7 +302,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_jobs(resumed_store):
 def test_finished_sweep_runs_nothing_again(resumed_store):
     store, sweep_file, _, _ = resumed_store
     before = done_rows(store)
-    summary = run_sweep(str(sweep_file), RunOptions(store=str(store), gpus=0, quiet=True))
+    summary = run_sweep(str(sweep_file), SweepRunConfig(store=str(store), gpus=0, quiet=True))
     assert (summary["ran"], summary["done"]) == (0, 12)
     assert done_rows(store) == before
 
@@ -330,7 +353,7 @@ def test_ray_backend_gives_the_local_metrics(resumed_store, tmp_path, monkeypatc
     local_store, sweep_file, _, _ = resumed_store
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a local Ray instance, 2 CPUs
     try:
-        options = RunOptions(store=str(tmp_path / "store"), backend="ray", quiet=True)
+        options = SweepRunConfig(store=str(tmp_path / "store"), backend="ray", quiet=True)
         summary = run_sweep(str(sweep_file), options)  # connects to the instance above
     finally:
         ray.shutdown()
@@ -351,7 +374,7 @@ def test_attack_table_checks_the_targets_against_the_clean_baseline(tmp_path):
     for name, attack in (("attacks", "{attack: badnets}"), ("clean", "{attack: badnets, poison: false}")):
         sweep_file = write(tmp_path / f"{name}.yaml", TINY_FIXED + f"  attack: {attack}\naxes:\n  seed: [0]\n")
         stores[name] = tmp_path / name
-        run_sweep(str(sweep_file), RunOptions(store=str(stores[name]), gpus=0, quiet=True))
+        run_sweep(str(sweep_file), SweepRunConfig(store=str(stores[name]), gpus=0, quiet=True))
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "attack_table.py"
     out = tmp_path / "table.json"
     result = subprocess.run(

@@ -3,8 +3,8 @@
 Differences from the ImageNet network, for 32x32 inputs: the stem conv and the second stage use
 stride 1 (ImageNet: 2 and 2), so the total downsampling is 8x and the last map is 4x4. Names:
 `conv1, bn1` (stem), `layers` (a Sequential of inverted-residual `Block`s with `conv1, bn1,
-conv2, bn2, conv3, bn3, shortcut`), `conv2, bn2` (1x1 to 1280 channels), `linear`. Pooling is
-adaptive (equal to the reference's 4x4 pool on 32x32 inputs).
+conv2, bn2, conv3, bn3, shortcut`), `conv2, bn2` (1x1 to 1280 channels), `linear`. Pooling takes
+the whole final map (the reference's 4x4 pool on 32x32 inputs).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnp_fast.models.resnet import NormLayer, conv3x3, scale_channels
-from rnp_fast.models.stages import Stage, blocks_of
+from rnp_fast.models.resnet import NormLayer, conv3x3, global_average_pool, scale_channels
+from rnp_fast.models.stages import Stage, blocks_of, run_stages
 
 # (expansion, out_channels, num_blocks, stride) per stage.
 MOBILENETV2_CONFIG: tuple[tuple[int, int, int, int], ...] = (
@@ -84,17 +84,13 @@ class MobileNetV2(nn.Module):
         return nn.Sequential(*blocks), in_planes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layers(out)
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        return run_stages(self.stages(), x)
 
     def stages(self) -> list[Stage]:
         """forward as a chain: stem, every block, head (see `stages`)."""
         stem = Stage(lambda x: F.relu(self.bn1(self.conv1(x))), ("conv1", "bn1"))
         head = Stage(
-            lambda x: self.linear(F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(x))), 1).flatten(1)),
+            lambda x: self.linear(global_average_pool(F.relu(self.bn2(self.conv2(x))))),
             ("conv2", "bn2", "linear"),
         )
         return [stem, *blocks_of(self, "layers"), head]

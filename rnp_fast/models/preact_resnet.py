@@ -3,8 +3,8 @@
 Parameter names follow BackdoorBench so its checkpoints load strictly: stem `conv1` (no norm:
 pre-activation blocks normalise their own input), stages `layer1..layer4` of `PreActBlock`s
 (`bn1, conv1, bn2, conv2, shortcut`), a final `bn` + ReLU before pooling (the last block's sum
-is otherwise never normalised), and `linear`. Global average pooling is adaptive, which equals
-the 4x4 pool on 32x32 inputs and also accepts other sizes.
+is otherwise never normalised), and `linear`. Global average pooling takes the whole final map (the 4x4 pool on 32x32
+inputs; other sizes work too).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnp_fast.models.resnet import NormLayer, conv3x3, scale_channels
-from rnp_fast.models.stages import Stage, blocks_of
+from rnp_fast.models.resnet import NormLayer, conv3x3, global_average_pool, scale_channels
+from rnp_fast.models.stages import Stage, blocks_of, run_stages
 
 
 class PreActBlock(nn.Module):
@@ -75,16 +75,12 @@ class PreActResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(x)
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.relu(self.bn(out))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        return run_stages(self.stages(), x)
 
     def stages(self) -> list[Stage]:
         """forward as a chain: stem, every block, head (see `stages`)."""
         stem = Stage(self.conv1, ("conv1",))
-        head = Stage(lambda x: self.linear(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1)), ("bn", "linear"))
+        head = Stage(lambda x: self.linear(global_average_pool(F.relu(self.bn(x)))), ("bn", "linear"))
         return [stem, *blocks_of(self, "layer1", "layer2", "layer3", "layer4"), head]
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rnp_fast.models.resnet import NormLayer, scale_channels
-from rnp_fast.models.stages import Stage, blocks_of
+from rnp_fast.models.resnet import GlobalAveragePool, NormLayer, scale_channels
+from rnp_fast.models.stages import Stage, blocks_of, run_stages
 
 VGG19_CONFIG: tuple[int | str, ...] = (
     64, 64, "M",
@@ -59,11 +59,11 @@ class VGG(nn.Module):
                 nn.ReLU(),  # not in-place: an injected norm layer may save its output for backward
             ]
             in_channels = out_channels
-        layers.append(nn.AdaptiveAvgPool2d(1))
+        layers.append(GlobalAveragePool())
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(1))
+        return run_stages(self.stages(), x)
 
     def stages(self) -> list[Stage]:
         """forward as a chain: every layer of `features`, then the classifier (see `stages`)."""

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import platform
 import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from rnp_fast import __version__
+from rnp_fast.provenance import versions
 from rnp_fast.sweep.job import Job
 
 MODEL_FILE = "model.safetensors"
@@ -78,7 +77,8 @@ def backdoored_model(job: Job, models_dir: Path, device: str) -> tuple[Path, dic
     with file_lock(models_dir / f"{job.train_hash}.lock"):
         here = not (directory / MODEL_FILE).is_file()
         if here:  # written atomically (RunDirectory): a killed training leaves no model behind
-            train_backdoor(str(directory), job.model, job.data, job.attack, job.train, device, quiet=True)
+            engine = replace(job.engine, device=device, quiet=True)
+            train_backdoor(str(directory), job.model, job.data, job.attack, job.train, engine, reuse=True)
     summary = read_json(directory / "summary.json")
     return directory / MODEL_FILE, {**summary, "here": here}
 
@@ -95,7 +95,8 @@ def defend(job: Job, model_path: Path, job_dir: Path, device: str) -> dict:
             attack=job.attack,
             rnp=job.rnp,
             engine=replace(job.engine, device=device, quiet=True),
-        )
+        ),
+        reuse=True,  # a sweep defends again and again in this process: compiled steps pay back
     )
 
 
@@ -114,15 +115,3 @@ def read_json(path: Path) -> dict:
 def one_line(error: BaseException) -> str:
     message = " ".join(str(error).split())
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
-
-
-def versions() -> dict:
-    import numpy
-    import torch
-
-    return {
-        "rnp_fast": __version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-    }

@@ -13,11 +13,18 @@ import json
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
-from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
-from rnp_fast.train import TrainConfig
+from rnp_fast.config import (
+    SECTIONS,
+    TRAIN_ENGINE_FIELDS,
+    AttackConfig,
+    DataConfig,
+    EngineConfig,
+    ModelConfig,
+    RNPConfig,
+    TrainConfig,
+    not_identity,
+)
 
-SECTIONS = ("model", "data", "attack", "train", "rnp", "engine")
-WHERE_NOT_WHAT = {"engine": ("device", "quiet")}
 # Data fields that only the defense reads (its subset of the training set, and evaluation batches).
 DEFENSE_ONLY_DATA = ("ratio", "holdout", "shuffle", "eval_batch_size")
 
@@ -39,8 +46,8 @@ class Job:
     @cached_property
     def hash(self) -> str:
         config = self.config()
-        for section, names in WHERE_NOT_WHAT.items():
-            for name in names:
+        for section in SECTIONS:
+            for name in not_identity(section):
                 config[section].pop(name)
         return digest(config)
 
@@ -48,7 +55,9 @@ class Job:
     def train_hash(self) -> str:
         config = self.config()
         config["data"] = {k: v for k, v in config["data"].items() if k not in DEFENSE_ONLY_DATA}
-        return digest({name: config[name] for name in ("model", "data", "attack", "train")})
+        training = set(TRAIN_ENGINE_FIELDS) - set(not_identity("engine"))  # precision, compile, layout
+        config["engine"] = {k: v for k, v in config["engine"].items() if k in training}
+        return digest({name: config[name] for name in ("model", "data", "attack", "train", "engine")})
 
     def label(self) -> str:
         """Short description for log lines: the axis values, or the hash when nothing varies."""

@@ -18,43 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rnp_fast.config import SweepRunConfig
 from rnp_fast.errors import UserError
 from rnp_fast.outputs import is_ours, vet_output
 from rnp_fast.sweep.job import Job
 from rnp_fast.sweep.progress import SweepLog
 from rnp_fast.sweep.spec import Sweep, load_sweep
 from rnp_fast.sweep.store import DATABASE, ResultsStore, exclusive
-
-BACKENDS = ("local", "ray")
-
-
-@dataclass
-class RunOptions:
-    store: str
-    backend: str = "local"
-    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or a new local instance
-    gpus: int | None = None  # None: every visible CUDA device (0 on a CPU-only machine)
-    jobs_per_gpu: int = 1  # jobs sharing one GPU (without a GPU: jobs sharing the CPU)
-    retry_failed: bool = False
-    max_retries: int = 3  # Ray's retries of a task whose worker died
-    quiet: bool = False
-    max_jobs: int = 10_000  # refuse larger sweeps (counted from the axes before expanding them)
-
-    def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.address and self.backend != "ray":
-            raise UserError("--address is for --backend ray")
-        if self.gpus is not None and self.backend == "ray":
-            raise UserError("--gpus is for --backend local (Ray tasks use the cluster's GPUs)")
-        if self.gpus is not None and self.gpus < 0:
-            raise UserError(f"--gpus must be >= 0, got {self.gpus}")
-        if self.jobs_per_gpu < 1:
-            raise UserError(f"--jobs-per-gpu must be >= 1, got {self.jobs_per_gpu}")
-        if self.max_retries < 0:
-            raise UserError(f"--max-retries must be >= 0, got {self.max_retries}")
-        if self.max_jobs < 1:
-            raise UserError(f"--max-jobs must be >= 1, got {self.max_jobs}")
 
 
 @dataclass
@@ -72,7 +42,7 @@ class StorePaths:
         return self.directory / "jobs" / job.hash
 
 
-def run_sweep(sweep_file: str, options: RunOptions) -> dict:
+def run_sweep(sweep_file: str, options: SweepRunConfig) -> dict:
     started = time.perf_counter()
     directory = vet_output(options.store, [sweep_file], flag="--store", owned=is_store)
     sweep = load_sweep(sweep_file, options.max_jobs)  # every check happens here, before anything is written
@@ -95,7 +65,7 @@ def is_store(directory: Path) -> bool:
     return is_ours(directory) or (directory / DATABASE).is_file()
 
 
-def run_pending(sweep: Sweep, store: ResultsStore, backend, paths: StorePaths, options: RunOptions) -> dict:
+def run_pending(sweep: Sweep, store: ResultsStore, backend, paths: StorePaths, options: SweepRunConfig) -> dict:
     remove_partial_outputs(paths)
     new = store.add_jobs(sweep.jobs, sweep.name, time.time())
     interrupted = store.requeue("running")  # only a dead driver leaves rows running: we hold the lock
@@ -162,7 +132,7 @@ def outcome(record: dict) -> str:
     )
 
 
-def make_backend(options: RunOptions):
+def make_backend(options: SweepRunConfig):
     from rnp_fast.sweep.backends import InProcess, RayBackend, WorkerPool
 
     if options.backend == "ray":

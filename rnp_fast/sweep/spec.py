@@ -26,30 +26,19 @@ import inspect
 import itertools
 import math
 import re
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
 
 from rnp_fast.attacks import TRIGGERS, trigger_parameters
-from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
+from rnp_fast.config import SECTIONS as CONFIG_CLASSES
+from rnp_fast.config import AttackConfig, deprecated_aliases, not_identity, seed_paths
 from rnp_fast.errors import UserError
-from rnp_fast.sweep.job import SECTIONS, Job
-from rnp_fast.train import TrainConfig
+from rnp_fast.sweep.job import Job
 
-CONFIG_CLASSES = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "attack": AttackConfig,
-    "train": TrainConfig,
-    "rnp": RNPConfig,
-    "engine": EngineConfig,
-}
-assert tuple(CONFIG_CLASSES) == SECTIONS
 TOP_LEVEL = ("name", "keep_purified", "fixed", "axes")
-# The backend decides where a job runs, and jobs never draw their own progress bars.
-SET_BY_SWEEP = {"engine.device": "set by the backend (--gpus)", "engine.quiet": "always on in a sweep"}
-SEED_PATHS = ("data.seed", "attack.poison_seed")
 
 
 @dataclass
@@ -146,7 +135,7 @@ def flatten(mapping, source: str, prefix: str = "") -> dict:
         raise SweepFileError(source, where, f"expected a mapping, got {describe(mapping)}")
     flat = {}
     for name, value in mapping.items():
-        path = f"{prefix}.{name}" if prefix else str(name)
+        path = current_name(f"{prefix}.{name}" if prefix else str(name), source)
         if path_kind(path) == "group":
             flat.update(flatten(value, source, path))
         else:
@@ -160,7 +149,7 @@ def read_axes(mapping, source: str) -> dict[str, list]:
         raise SweepFileError(source, "axes", f"expected a mapping of keys to lists, got {describe(mapping)}")
     axes = {}
     for name, values in mapping.items():
-        path = str(name)
+        path = current_name(str(name), source)
         check_path(path, source, f"axes.{path}")
         if not isinstance(values, list):
             raise SweepFileError(source, f"axes.{path}", f"expected a list of values, got {describe(values)}")
@@ -168,6 +157,16 @@ def read_axes(mapping, source: str) -> dict[str, list]:
             raise SweepFileError(source, f"axes.{path}", "empty axis (give at least one value)")
         axes[path] = values
     return axes
+
+
+def current_name(path: str, source: str) -> str:
+    """A renamed field's old path (``engine.sweep_mode``) as its new one, with a deprecation line."""
+    section, _, name = path.partition(".")
+    renamed = deprecated_aliases(CONFIG_CLASSES[section]).get(name) if section in CONFIG_CLASSES else None
+    if renamed is None:
+        return path
+    print(f"{source}: {path} is deprecated, use {section}.{renamed}", file=sys.stderr)
+    return f"{section}.{renamed}"
 
 
 def path_kind(path: str) -> str:
@@ -194,8 +193,10 @@ def check_path(path: str, source: str, key: str) -> None:
         names = [f.name for f in fields(CONFIG_CLASSES[parts[0]])]
         if parts[1] not in names:
             raise SweepFileError(source, key, f"unknown key (valid in {parts[0]}: {', '.join(names)})")
-        if path in SET_BY_SWEEP:
-            raise SweepFileError(source, key, f"cannot be set in a sweep file: {SET_BY_SWEEP[path]}")
+        if parts[1] in not_identity(parts[0]):  # where a job runs, not what it computes
+            raise SweepFileError(
+                source, key, "cannot be set in a sweep file: the backend decides where and how quietly jobs run"
+            )
     if kind == "trigger":
         attack, parameter = parts[1], parts[2]
         if attack not in TRIGGERS:
@@ -208,7 +209,7 @@ def check_path(path: str, source: str, key: str) -> None:
 
 def check_seed_paths(fixed: dict, axes: dict, source: str) -> None:
     if "seed" in fixed or "seed" in axes:
-        for path in SEED_PATHS:
+        for path in seed_paths():
             if path in fixed or path in axes:
                 where = f"fixed.{path}" if path in fixed else f"axes.{path}"
                 raise SweepFileError(source, where, "conflicts with seed (which sets data.seed and attack.poison_seed)")

@@ -14,8 +14,10 @@ import math
 import statistics
 from dataclasses import dataclass
 
-SEED_KEYS = ("data.seed", "attack.poison_seed")
-NOT_A_SETTING = ("engine.device", "engine.quiet")
+from rnp_fast.config import SECTIONS, not_identity, seed_paths
+
+SEED_KEYS = seed_paths()  # averaged over
+NOT_A_SETTING = tuple(f"{section}.{name}" for section in SECTIONS for name in not_identity(section))
 ALWAYS_SHOWN = {"attack.attack": "attack", "model.arch": "arch"}
 # (column, source column in the store, key, Markdown header)
 MEASURES = (

@@ -1,4 +1,4 @@
-"""The batched sweep (all pruning candidates in one pass) against the sequential path."""
+"""The batched candidate scoring (all pruning candidates in one pass) against the sequential path."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ import pytest
 import torch
 from tests_support import TINY_WIDTH
 
-from rnp_fast import batched_sweep
 from rnp_fast.attacks import build_trigger
-from rnp_fast.batched_sweep import BatchedSweep, CandidateNetwork
 from rnp_fast.checkpoint import load_model_weights
 from rnp_fast.demo import DEMO_MODEL, demo_checkpoint
-from rnp_fast.evaluate import build_test_sets
+from rnp_fast.evaluation import candidates
+from rnp_fast.evaluation.candidates import BatchedScoring, CandidateNetwork
+from rnp_fast.evaluation.scoring import ScoringOptions, holdout_accuracies, score_steps
+from rnp_fast.evaluation.test_sets import build_test_sets
 from rnp_fast.loaders.sources import ImageSet, load_source
 from rnp_fast.models import ARCHITECTURES, build_model
 from rnp_fast.models.stages import model_stages, run_stages
 from rnp_fast.prune import Channel, rank_channels, threshold_steps, thresholds
-from rnp_fast.pruning_eval import SweepOptions, holdout_accuracies, score_steps
 
 CPU = torch.device("cpu")
 
@@ -58,8 +58,8 @@ def random_masks(model, seed: int = 0) -> list[Channel]:
 def test_batched_equals_sequential_on_demo_model(demo_model, digits, levels, images):
     data = cut_test_sets(digits, images)
     steps = threshold_steps(rank_channels(random_masks(demo_model)), levels)
-    sequential = score_steps(demo_model, steps, data, SweepOptions(sweep_mode="sequential", batch_size=64))
-    batched = score_steps(demo_model, steps, data, SweepOptions(sweep_mode="batched", batch_size=64))
+    sequential = score_steps(demo_model, steps, data, ScoringOptions(scoring="sequential", batch_size=64))
+    batched = score_steps(demo_model, steps, data, ScoringOptions(scoring="batched", batch_size=64))
     assert batched == sequential  # every metric, bit for bit: identical predictions and losses
 
 
@@ -67,7 +67,7 @@ def test_holdout_accuracies_agree(demo_model, digits):
     steps = threshold_steps(rank_channels(random_masks(demo_model, seed=1)), thresholds(0.9, 0.1))
     holdout = ImageSet(digits.train.images[:40], digits.train.labels[:40])
     results = [
-        holdout_accuracies(demo_model, steps, holdout, digits.mean, digits.std, SweepOptions(sweep_mode=mode))
+        holdout_accuracies(demo_model, steps, holdout, digits.mean, digits.std, ScoringOptions(scoring=mode))
         for mode in ("sequential", "batched")
     ]
     assert results[0] == results[1]
@@ -76,7 +76,7 @@ def test_holdout_accuracies_agree(demo_model, digits):
 def test_model_is_left_unchanged(demo_model, digits):
     before = {k: v.clone() for k, v in demo_model.state_dict().items()}
     steps = threshold_steps(rank_channels(random_masks(demo_model)), [0.5])
-    score_steps(demo_model, steps, cut_test_sets(digits, 8), SweepOptions())
+    score_steps(demo_model, steps, cut_test_sets(digits, 8), ScoringOptions())
     assert all(torch.equal(before[k], v) for k, v in demo_model.state_dict().items())
 
 
@@ -106,8 +106,8 @@ def test_identical_prune_sets_are_scored_once(demo_model, digits, monkeypatch):
     monkeypatch.setattr(CandidateNetwork, "plan", lambda self, sets: seen.append(len(sets)) or original(self, sets))
     data = cut_test_sets(digits, 8)
     chosen = frozenset({("layer4.1.bn2", 3)})
-    sweep = BatchedSweep([data.clean.images], data.mean, data.std, batch_size=8)
-    logits = sweep.score(demo_model, [chosen, frozenset(), chosen, chosen])
+    scoring = BatchedScoring([data.clean.images], data.mean, data.std, batch_size=8)
+    logits = scoring.score(demo_model, [chosen, frozenset(), chosen, chosen])
     assert seen == [2]
     assert torch.equal(logits[0][0], logits[2][0])
 
@@ -115,17 +115,24 @@ def test_identical_prune_sets_are_scored_once(demo_model, digits, monkeypatch):
 def test_out_of_memory_halves_the_chunk_and_continues(demo_model, digits, monkeypatch):
     data = cut_test_sets(digits, 16)
     steps = threshold_steps(rank_channels(random_masks(demo_model)), thresholds(0.9, 0.1))
-    expected = score_steps(demo_model, steps, data, SweepOptions(batch_size=16))
+    expected = score_steps(demo_model, steps, data, ScoringOptions(batch_size=16))
     original = CandidateNetwork.forward
 
     def forward_with_small_memory(self, plan, x):
         if len(plan.group_of_candidate) > 2:  # pretend the device holds at most two candidates
-            raise batched_sweep.OUT_OF_MEMORY[0]("CUDA out of memory (simulated)")
+            raise candidates.OUT_OF_MEMORY[0]("CUDA out of memory (simulated)")
         return original(self, plan, x)
 
     monkeypatch.setattr(CandidateNetwork, "forward", forward_with_small_memory)
     warnings = []
-    options = SweepOptions(batch_size=16, warn=warnings.append)
-    assert score_steps(demo_model, steps, data, options) == expected
+    options = ScoringOptions(batch_size=16, warn=warnings.append)
+    retried = score_steps(demo_model, steps, data, options)
+    # Halving changes the rows per forward (9 candidates x 1 image -> 2 x 1), and on some CPUs
+    # (an Intel Xeon here, also at the commit before the redesign) oneDNN convolves 2 rows with
+    # another algorithm than 9: the losses move in the last bits, predictions do not
+    for got, want in zip(retried, expected, strict=True):
+        assert (got.clean_acc, got.asr, got.robust_acc) == (want.clean_acc, want.asr, want.robust_acc)
+        assert got.clean_loss == pytest.approx(want.clean_loss, rel=1e-5)
+        assert got.poison_loss == pytest.approx(want.poison_loss, rel=1e-5)
     assert any("out of memory" in message for message in warnings)
     assert "2 candidates" in warnings[-1]

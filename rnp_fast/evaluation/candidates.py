@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnp_fast.evaluate import model_input
+from rnp_fast.evaluation.predict import model_input
 from rnp_fast.models.stages import Stage, model_stages, stage_of_module
 
 PruneSet = frozenset  # of (BatchNorm module name, channel index)
@@ -162,7 +162,7 @@ class PassShape:
     images: int  # images per forward; a forward holds up to candidates * images rows
 
 
-class BatchedSweep:
+class BatchedScoring:
     """Logits of every candidate on every image set, one pass over the data.
 
     ``image_sets``: uint8 image tensors on the evaluation device; ``score(model, prune_sets)``

@@ -1,0 +1,98 @@
+"""Scoring pruning candidates: every step of the schedule evaluated on the test sets.
+
+Three ways, picked by `ScoringOptions`:
+- batched (fast mode's default): all candidates in one pass over the data (`candidates`);
+- sequential: each distinct prune set loaded into the model and evaluated on its own;
+- reference mode: sequential through the reference evaluator, every step re-evaluated even when
+  its prune set repeats, as the reference does.
+Batched and sequential give the same predictions, bit for bit on CPU (a test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rnp_fast.evaluation.candidates import BatchedScoring, PruneSet
+from rnp_fast.evaluation.evaluators import make_evaluator
+from rnp_fast.evaluation.metrics import Metrics, Outputs, accuracy, metrics_from_outputs
+from rnp_fast.evaluation.predict import predict
+from rnp_fast.evaluation.test_sets import TestSets
+from rnp_fast.loaders.sources import ImageSet
+from rnp_fast.prune import PruneStep, pruned_state_dict
+
+
+@dataclass
+class ScoringOptions:
+    mode: str = "fast"  # fast or reference
+    scoring: str = "batched"  # batched or sequential (fast mode)
+    batch_size: int = 512
+    chunk_size: int = 0  # 0: from free memory
+    amp: torch.dtype | None = None
+    channels_last: bool = False
+    warn: Callable[[str], None] | None = None
+
+    @property
+    def batched(self) -> bool:
+        return self.mode == "fast" and self.scoring == "batched"
+
+    def batched_scoring(self, image_sets: list[torch.Tensor], mean, std) -> BatchedScoring:
+        return BatchedScoring(
+            image_sets, mean, std, self.batch_size, self.chunk_size, self.amp, self.channels_last, self.warn
+        )
+
+
+def prune_set(step: PruneStep) -> PruneSet:
+    return frozenset((channel.layer, channel.index) for channel in step.channels)
+
+
+def score_steps(model: nn.Module, steps: list[PruneStep], data: TestSets, options: ScoringOptions) -> list[Metrics]:
+    """Test-set metrics of every step, pruning the original weights of ``model`` (left unchanged)."""
+    if options.batched:
+        logits = options.batched_scoring([data.clean.images, data.poisoned.images], data.mean, data.std).score(
+            model, [prune_set(step) for step in steps]
+        )
+        return [metrics_from_outputs(Outputs(*pair), data) for pair in logits]
+    evaluator = make_evaluator(options.mode, data, options.batch_size, options.channels_last, options.amp)
+    return score_sequentially(model, steps, evaluator, dedupe=options.mode == "fast")
+
+
+def score_sequentially(model: nn.Module, steps: list[PruneStep], evaluator, dedupe: bool = True) -> list:
+    """``evaluator`` of every step, one pruned copy of the weights at a time (``model`` restored)."""
+    original = {key: value.clone() for key, value in model.state_dict().items()}
+    scored: dict[PruneSet, object] = {}
+    results = []
+    try:
+        for step in steps:
+            key = prune_set(step)
+            if not (dedupe and key in scored):
+                model.load_state_dict(pruned_state_dict(original, step.channels))
+                scored[key] = evaluator(model)
+            results.append(scored[key])
+    finally:
+        model.load_state_dict(original)
+    return results
+
+
+def holdout_accuracies(
+    model: nn.Module, steps: list[PruneStep], holdout: ImageSet, mean, std, options: ScoringOptions
+) -> tuple[float, list[float]]:
+    """Clean accuracy on the held-out defense images: unpruned, then per step."""
+    device = next(model.parameters()).device
+    images, labels = holdout.images.to(device), holdout.labels.to(device)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device)
+    if options.batched:
+        candidates = [frozenset()] + [prune_set(step) for step in steps]
+        logits = options.batched_scoring([images], mean_t, std_t).score(model, candidates)
+        accuracies = [accuracy(per_set[0], labels) for per_set in logits]
+        return accuracies[0], accuracies[1:]
+
+    def score(m: nn.Module) -> float:
+        logits = predict(m, images, mean_t, std_t, options.batch_size, options.channels_last, options.amp)
+        return accuracy(logits, labels)
+
+    return score(model), score_sequentially(model, steps, score)

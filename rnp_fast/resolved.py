@@ -1,0 +1,184 @@
+"""A run, resolved: the configuration sections turned into live objects once, in one place.
+
+`resolve_run` takes the sections (model, data, attack, engine) and returns a `ResolvedRun`: the
+device, the concrete engine settings, the data source, the trigger, the normalisation tensors, the
+test sets (made on first use), and the factories every stage uses: models, loaders (the
+device-resident loader, FFCV, or the reference's DataLoader: the one place a loader is chosen), the
+per-model evaluator and the candidate-scoring options. `defend`, `train-backdoor`, `bench`, the
+sweep executor (through those) and the benchmark scripts all start here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch import nn
+
+from rnp_fast.attacks import build_trigger
+from rnp_fast.attacks.base import PoisonPlan, Trigger
+from rnp_fast.checkpoint import load_model_weights
+from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig
+from rnp_fast.device import resolve_device
+from rnp_fast.engine import EngineSettings, resolve_engine
+from rnp_fast.errors import UserError
+from rnp_fast.evaluation.evaluators import Evaluator, make_evaluator
+from rnp_fast.evaluation.scoring import ScoringOptions
+from rnp_fast.evaluation.test_sets import TestSets, build_test_sets
+from rnp_fast.loaders.device_loader import DeviceLoader
+from rnp_fast.loaders.reference_loader import ReferenceLoader
+from rnp_fast.loaders.sources import DataSource, ImageSet, load_source
+from rnp_fast.models import build_model
+
+ModelFactory = Callable[[type[nn.Module]], nn.Module]  # norm layer class -> a new model
+
+
+@dataclass
+class ResolvedRun:
+    model: ModelConfig
+    data: DataConfig
+    attack: AttackConfig
+    engine_config: EngineConfig
+    device: torch.device
+    engine: EngineSettings
+    source: DataSource
+    trigger: Trigger | None  # None when the caller gives the poisoned test set itself
+    build: ModelFactory
+    given_tests: TestSets | None = None
+    warn: Callable[[str], None] | None = field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @cached_property
+    def mean(self) -> torch.Tensor:
+        return torch.tensor(self.source.mean, dtype=torch.float32, device=self.device)
+
+    @cached_property
+    def std(self) -> torch.Tensor:
+        return torch.tensor(self.source.std, dtype=torch.float32, device=self.device)
+
+    @cached_property
+    def tests(self) -> TestSets:
+        """The clean and poisoned test sets on the device (poisoned once, on first use)."""
+        if self.given_tests is not None:
+            return self.given_tests
+        attack = self.attack
+        return build_test_sets(
+            self.source.test,
+            self.trigger,
+            attack.label_mode,
+            attack.target,
+            self.num_classes,
+            self.source.mean,
+            self.source.std,
+            self.device,
+        )
+
+    def new_model(self, norm_layer: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
+        return self.build(norm_layer).to(self.device)
+
+    def load_model(self, path: str, norm_layer: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
+        """A new model with the checkpoint's weights (checked against the architecture, never run)."""
+        model = self.build(norm_layer)
+        return load_model_weights(model, path, self.model.arch).to(self.device)
+
+    # -- loaders: the one place a loader is chosen --------------------------------------------
+
+    def loader(
+        self,
+        images: ImageSet,
+        shuffle: bool,
+        augment: bool,
+        seed: int,
+        poison: PoisonPlan | None = None,
+        beton: str | None = None,
+    ):
+        """Batches of ``images`` (or of the ``beton`` file holding them) for a learning stage: the
+        reference mode's DataLoader, FFCV, or the device-resident loader."""
+        settings = (self.source.mean, self.source.std, self.data.batch_size, self.device)
+        options = {"shuffle": shuffle, "augment": augment, "seed": seed}
+        if self.engine_config.mode == "reference":
+            if poison is not None:
+                raise UserError("the reference mode reads clean defense data only")
+            return ReferenceLoader(images, *settings, **options)
+        if beton:
+            return self.beton_loader(beton, images, settings, {**options, "poison": poison})
+        return DeviceLoader(images, *settings, **options, poison=poison)
+
+    def defense_loader(self, images: ImageSet):
+        """The defense data's loader, as the data section asks (shuffle, augmentation, seed)."""
+        return self.loader(images, self.data.shuffle, self.data.augment, self.data.seed)
+
+    def beton_loader(self, path: str, images: ImageSet, settings: tuple, options: dict):
+        """The FFCV loader of ``path``, checked to hold ``images``' labels in the same order."""
+        from rnp_fast.loaders.ffcv_loader import FFCVLoader
+
+        loader = FFCVLoader(path, *settings, **options)
+        same_labels = np.array_equal(loader.info.labels, images.labels.numpy())
+        if loader.info.image_shape != tuple(images.images.shape[1:]) or not same_labels:
+            raise UserError(
+                f"{path} does not hold the {self.source.name} training split (make it with rnp-fast convert)"
+            )
+        return loader
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    @property
+    def eval_batch(self) -> int:
+        return min(self.engine.eval_rows or self.data.eval_batch_size, self.data.eval_batch_size)
+
+    def evaluator(self) -> Evaluator:
+        """``evaluator(model) -> Metrics`` on both test sets, in the engine's precision and layout."""
+        mode = self.engine_config.mode
+        return make_evaluator(mode, self.tests, self.eval_batch, self.engine.eval_channels_last, self.engine.amp)
+
+    def scoring(self) -> ScoringOptions:
+        """How pruning candidates are scored (batched or sequential, chunk, precision, layout)."""
+        return ScoringOptions(
+            mode=self.engine_config.mode,
+            scoring=self.engine_config.scoring,
+            batch_size=self.eval_batch,
+            chunk_size=self.engine_config.scoring_chunk,
+            amp=self.engine.amp,
+            channels_last=self.engine.eval_channels_last,
+            warn=self.warn,
+        )
+
+
+def zoo_factory(model: ModelConfig, num_classes: int) -> ModelFactory:
+    def build(norm_layer: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
+        return build_model(model.arch, num_classes, model.width, norm_layer)
+
+    return build
+
+
+def resolve_run(
+    model: ModelConfig,
+    data: DataConfig,
+    attack: AttackConfig,
+    engine: EngineConfig,
+    reuse: bool = False,
+    source: DataSource | None = None,
+    build: ModelFactory | None = None,
+    tests: TestSets | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> ResolvedRun:
+    """Resolve the sections; ``source``, ``build`` and ``tests`` replace the dataset, the model zoo
+    and the test sets built from them (the Python API passes the caller's own). ``reuse``: this
+    process runs the same steps again (turns compilation on where it is left to auto)."""
+    device = resolve_device(engine.device)
+    settings = resolve_engine(engine, device, reuse)
+    source = source or load_source(data.dataset, data.data_dir, data.download, data.image_size)
+    if tests is None and attack.target >= source.num_classes:
+        raise UserError(f"--target {attack.target} is outside the {source.num_classes} classes of {source.name}")
+    trigger = None
+    if tests is None:
+        size = {"image_size": source.image_shape[-1], "channels": source.image_shape[0]}
+        trigger = build_trigger(attack.attack, **size, **attack.trigger_params())
+    build = build or zoo_factory(model, source.num_classes)
+    return ResolvedRun(model, data, attack, engine, device, settings, source, trigger, build, tests, warn)

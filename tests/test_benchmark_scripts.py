@@ -1,0 +1,94 @@
+"""The benchmark harness (benchmarks/_harness.py) and one benchmark script, run the way users run it."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rnp_fast.errors import UserError
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# Smoke runs, not measurements: one thread each, so that other jobs on shared CI cores cannot
+# oversubscribe them into minutes.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def harness(monkeypatch):
+    """benchmarks/_harness.py as the scripts import it (their folder on sys.path, for this test only)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("_harness")
+
+
+def script(name: str, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(BENCHMARKS / name), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ONE_THREAD)
+
+
+def test_timing_keeps_the_warmup_apart_from_the_median(harness):
+    assert harness.timing([5.0, 1.0, 3.0, 2.0], warmup=1) == {
+        "warmup_runs": 1,
+        "warmup_s": 5.0,
+        "runs_s": [1.0, 3.0, 2.0],
+        "median_s": 2.0,
+    }
+    calls = []
+    measured = harness.measure(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and measured["warmup_runs"] == 2 and len(measured["runs_s"]) == 3
+    assert measured["median_s"] == sorted(measured["runs_s"])[1]
+    assert 0 <= harness.median_seconds(lambda: None, repeats=1) < 1
+
+
+def test_ratios_are_over_the_base_and_empty_without_it(harness):
+    assert harness.ratios({"batched": 2.0, "sequential": 3.0, "reference": 8.0}, "batched") == {
+        "sequential_over_batched": 1.5,
+        "reference_over_batched": 4.0,
+    }
+    assert harness.ratios({"sequential": 3.0}, "batched") == {}
+
+
+def test_write_result_saves_the_result_with_its_provenance(harness, tmp_path, capsys):
+    out = tmp_path / "results" / "result.json"
+    harness.write_result({"benchmark": "test", "median_s": 1.5}, str(out), "cpu", echo=True)
+    saved = json.loads(out.read_text())
+    assert saved["made_by"] == "rnp-fast" and saved["benchmark"] == "test" and saved["median_s"] == 1.5
+    assert saved["device"] == "cpu" and saved["versions"]["torch"] and saved["date"] and saved["command"]
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["median_s"] == 1.5 and f"saved {out}" in printed.err
+    foreign = tmp_path / "theirs.json"
+    foreign.write_text("{}")
+    with pytest.raises(UserError):  # never over a file rnp-fast did not make
+        harness.write_result({}, str(foreign))
+    assert foreign.read_text() == "{}"
+
+
+def test_run_reports_a_user_error_on_one_line_with_exit_code_2(harness, capsys):
+    def main():
+        raise UserError("--repeats is wrong")
+
+    with pytest.raises(SystemExit) as exit_info:
+        harness.run(main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"{Path(__file__).name}: error: --repeats is wrong\n"
+
+
+def test_a_script_refuses_bad_input_on_one_line():
+    result = script("bench_sweep.py", "--providers", "batched,fast")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "bench_sweep.py: error: --providers takes batched, sequential, reference; got fast"
+
+
+def test_bench_layout_runs_and_saves_its_json(tmp_path):
+    out = tmp_path / "layout.json"
+    result = script("bench_layout.py", "--repeats", "1", "--images", "32", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(result.stdout) | {"made_by": "rnp-fast"}
+    assert saved["device"] == "cpu" and "bench_layout.py" in saved["command"]
+    for layout in ("nchw", "channels_last"):
+        assert set(saved[f"eval_ms_per_image_{layout}"]) == {"32", "64", "128", "256", "512"}
+        assert saved[f"train_step_ms_{layout}"] > 0
