@@ -39,14 +39,22 @@ import torch
 
 from rnp_fast.config import RNPConfig
 from rnp_fast.device import describe_device, resolve_device
-from rnp_fast.engine import AMP_DTYPES, EngineSettings, apply_engine, configure_backends, sgd, use_persistent_cache
+from rnp_fast.engine import (
+    AMP_DTYPES,
+    EngineSettings,
+    apply_engine,
+    configure_backends,
+    raise_recompile_limit,
+    sgd,
+    use_persistent_cache,
+)
 from rnp_fast.errors import UserError
 from rnp_fast.kernels import auto_table, masked_batch_norm_reference, triton_available
 from rnp_fast.masked_bn import MaskedBatchNorm2d, mask_clamp, masked_batchnorm_layers
 from rnp_fast.models import ARCHITECTURES, build_model
 from rnp_fast.provenance import provenance
 from rnp_fast.recover import prepare_masked_model
-from rnp_fast.steps import make_step, raise_recompile_limit, recover_recipe
+from rnp_fast.steps import make_step, recover_recipe
 
 KERNELS = {"torch": "torch", "fused": "triton"}  # the table's name -> choose_bn_kernels' kernel
 PROVIDERS = ("eager", "compiled", "fused")

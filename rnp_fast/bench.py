@@ -79,7 +79,7 @@ def phase_seconds(summary: dict) -> dict[str, float]:
 
 
 def run_once(config: BenchConfig, mode: str, workdir: Path, number: int) -> dict[str, float]:
-    from rnp_fast.defend import run_defense
+    from rnp_fast.defense import run_defense
 
     job = WORKLOADS[config.workload](config, str(workdir / f"{mode}-{number}"))
     job = replace(job, engine=replace(job.engine, mode=mode))

@@ -142,7 +142,7 @@ def add_sweep_commands(commands) -> None:
 
 
 def run_defend(args) -> dict:
-    from rnp_fast.defend import DefendJob, run_defense
+    from rnp_fast.defense import DefendJob, run_defense
 
     job = DefendJob(
         model_path=args.model,

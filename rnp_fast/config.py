@@ -206,11 +206,29 @@ TRAIN_ENGINE_FIELDS = ("device", "compile", "amp", "channels_last", "cuda_graphs
 
 @dataclass
 class ModelConfig:
-    arch: str = doc("architecture (resnet18, preactresnet18, vgg19_bn, mobilenetv2, ...)", default="resnet18")
+    arch: str = doc(
+        "architecture (resnet18, preactresnet18, vgg19_bn, mobilenetv2, ...) or a model factory "
+        "package.module:function (importable; its BatchNorm2d layers are masked)",
+        default="resnet18",
+    )
     width: float = doc("channel-width multiplier (1 = the standard model)", default=1.0)
+    arch_kwargs: list[str] = doc(
+        "keyword arguments of an --arch package.module:function factory (e.g. torchvision.models:resnet18) "
+        "as KEY=VALUE, repeatable or comma-separated; values are read as int, float, true/false or text",
+        default_factory=list,
+    )
 
     def __post_init__(self):
+        from rnp_fast.models.imported import check_factory_path, is_factory_path, parse_arch_kwargs
+
         require(self.width > 0, f"--width must be > 0, got {self.width}")
+        self.arch_kwargs = list(self.arch_kwargs or [])
+        if is_factory_path(self.arch):  # the factory's own arguments size it, not --width
+            check_factory_path(self.arch)
+            require(self.width == 1.0, "--width is for the zoo; give a factory's size through --arch-kwargs")
+            parse_arch_kwargs(self.arch_kwargs)
+        else:
+            require(not self.arch_kwargs, "--arch-kwargs is for an --arch package.module:function factory")
 
 
 @dataclass

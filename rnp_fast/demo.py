@@ -38,7 +38,7 @@ def demo_checkpoint() -> str:
 
 def demo_job(out: str, engine: EngineConfig | None = None):
     """The demo's defense, with the caller's engine settings (default: EngineConfig())."""
-    from rnp_fast.defend import DefendJob
+    from rnp_fast.defense import DefendJob
 
     return DefendJob(
         model_path=demo_checkpoint(),
@@ -52,6 +52,6 @@ def demo_job(out: str, engine: EngineConfig | None = None):
 
 
 def run_demo(out: str, engine: EngineConfig | None = None) -> dict:
-    from rnp_fast.defend import run_defense
+    from rnp_fast.defense import run_defense
 
     return run_defense(demo_job(out, engine))

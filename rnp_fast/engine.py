@@ -173,6 +173,14 @@ def apply_engine(model: nn.Module, settings: EngineSettings, sample: torch.Tenso
     return model
 
 
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Dynamo's per-function recompile limit (8) is shared by every model and batch size a sweep
+    compiles the step (or a scoring stage) for; past it Dynamo silently falls back to eager. Raise it once."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
 def use_persistent_cache() -> None:
     """Inductor's on-disk caches under ~/.cache/rnp-fast (or $XDG_CACHE_HOME), unless the user set one."""
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rnp-fast" / "inductor"

@@ -32,6 +32,7 @@ from rnp_fast.loaders.device_loader import DeviceLoader
 from rnp_fast.loaders.reference_loader import ReferenceLoader
 from rnp_fast.loaders.sources import DataSource, ImageSet, load_source
 from rnp_fast.models import build_model
+from rnp_fast.models.imported import imported_factory, is_factory_path
 
 ModelFactory = Callable[[type[nn.Module]], nn.Module]  # norm layer class -> a new model
 
@@ -147,7 +148,16 @@ class ResolvedRun:
             amp=self.engine.amp,
             channels_last=self.engine.eval_channels_last,
             warn=self.warn,
+            # the scoring pass is most of a run's FLOPs: compiled whenever the engine compiles
+            compile_backend=self.engine.compile_backend if self.engine.compile else None,
         )
+
+
+def model_factory(model: ModelConfig, num_classes: int) -> ModelFactory:
+    """The zoo's architecture, or the ``package.module:function`` factory ``--arch`` names."""
+    if is_factory_path(model.arch):
+        return imported_factory(model.arch, model.arch_kwargs)
+    return zoo_factory(model, num_classes)
 
 
 def zoo_factory(model: ModelConfig, num_classes: int) -> ModelFactory:
@@ -180,5 +190,5 @@ def resolve_run(
     if tests is None:
         size = {"image_size": source.image_shape[-1], "channels": source.image_shape[0]}
         trigger = build_trigger(attack.attack, **size, **attack.trigger_params())
-    build = build or zoo_factory(model, source.num_classes)
+    build = build or model_factory(model, source.num_classes)
     return ResolvedRun(model, data, attack, engine, device, settings, source, trigger, build, tests, warn)

@@ -10,12 +10,16 @@ from tqdm import tqdm
 
 
 class RunLog:
-    def __init__(self, path: Path | None, quiet: bool = False):
+    def __init__(self, path: Path | None, quiet: bool = False, keep: bool = False):
         self.handle = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 (closed by close())
         self.quiet = quiet
+        # keep: the lines stay in memory too, for a run directory written later (the Python API)
+        self.lines: list[str] | None = [] if keep else None
 
     def info(self, message: str) -> None:
         line = f"[{time.strftime('%Y/%m/%d %H:%M:%S')}] - {message}"
+        if self.lines is not None:
+            self.lines.append(line)
         if self.handle:
             self.handle.write(line + "\n")
             self.handle.flush()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnp_fast.engine import EAGER, EngineSettings, to_layout
+from rnp_fast.engine import EAGER, EngineSettings, raise_recompile_limit, to_layout
 
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 COMPILED_BEFORE: set[tuple] = set()  # (step, model class, batch) compiled earlier in this process
@@ -149,14 +149,6 @@ def compiled_forward_loss(eager, model, recipe: StepRecipe, engine: EngineSettin
         return result
 
     return forward_loss
-
-
-def raise_recompile_limit(limit: int = 64) -> None:
-    """Dynamo's per-function recompile limit (8) is shared by every model and batch size a sweep
-    compiles the step for; past it Dynamo silently falls back to eager. Raise it once."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), limit))
 
 
 class GraphedStep:

@@ -16,7 +16,7 @@ from rnp_fast.models import build_model
 
 
 def synthetic_cifar_job(out: str, device: str = "auto"):
-    from rnp_fast.defend import DefendJob
+    from rnp_fast.defense import DefendJob
 
     checkpoint = Path(out).parent / "synthetic-resnet18.safetensors"
     if not checkpoint.exists():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tests_support import TINY_WIDTH
+from torch._dynamo.testing import CompileCounter
 
 from rnp_fast.attacks import build_trigger
 from rnp_fast.checkpoint import load_model_weights
@@ -136,3 +137,42 @@ def test_out_of_memory_halves_the_chunk_and_continues(demo_model, digits, monkey
         assert got.poison_loss == pytest.approx(want.poison_loss, rel=1e-5)
     assert any("out of memory" in message for message in warnings)
     assert "2 candidates" in warnings[-1]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_compiled_scoring_folds_pruning_into_scale_and_shift(demo_model, digits, channels_last):
+    """Compiled scoring (the GPU's) folds each group's pruning into its BatchNorm scale and shift:
+    one graph per stage for the whole pass (no break, no recompile per group count beyond the
+    first change of shape), predictions equal to the exact way, logits to float rounding."""
+    data = cut_test_sets(digits, 24)
+    steps = threshold_steps(rank_channels(random_masks(demo_model)), thresholds(0.9, 0.1))
+    image_sets = [data.clean.images, data.poisoned.images]
+    prune_sets = [frozenset((c.layer, c.index) for c in step.channels) for step in steps]
+    exact = BatchedScoring(image_sets, data.mean, data.std, 64, channels_last=channels_last).score(
+        demo_model, prune_sets
+    )
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = BatchedScoring(
+        image_sets, data.mean, data.std, 64, channels_last=channels_last, compile_backend=counter
+    ).score(demo_model, prune_sets)
+    stages = len(model_stages(demo_model))
+    assert stages <= counter.frame_count <= 2 * stages  # static first, then dynamic in the group count
+    for per_set_exact, per_set_compiled in zip(exact, compiled, strict=True):
+        for want, got in zip(per_set_exact, per_set_compiled, strict=True):
+            assert torch.equal(want.argmax(1), got.argmax(1))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_scoring_gives_the_exact_predictions(digits):
+    """The real compiler on the folded scoring (the GPU's default when compiling), on a tiny model."""
+    model = build_model("resnet18", 10, TINY_WIDTH).eval()
+    data = cut_test_sets(digits, 16)
+    steps = threshold_steps(rank_channels(random_masks(model)), thresholds(0.9, 0.3))
+    prune_sets = [frozenset((c.layer, c.index) for c in step.channels) for step in steps]
+    image_sets = [data.clean.images]
+    exact = BatchedScoring(image_sets, data.mean, data.std, 32).score(model, prune_sets)
+    compiled = BatchedScoring(image_sets, data.mean, data.std, 32, compile_backend="inductor").score(model, prune_sets)
+    for want, got in zip(exact, compiled, strict=True):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)

@@ -92,3 +92,14 @@ def test_bench_layout_runs_and_saves_its_json(tmp_path):
     for layout in ("nchw", "channels_last"):
         assert set(saved[f"eval_ms_per_image_{layout}"]) == {"32", "64", "128", "256", "512"}
         assert saved[f"train_step_ms_{layout}"] > 0
+
+
+def test_bench_api_times_both_paths_and_saves_its_json(tmp_path):
+    out = tmp_path / "api.json"
+    flags = ["--device", "cpu", "--repeats", "1", "--unlearning-epochs", "1", "--recovering-epochs", "1"]
+    result = script("bench_api.py", *flags, "--out", str(out), timeout=180)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    for path in ("cli", "api"):
+        assert saved["results"][path]["warmup_runs"] == 1 and len(saved["results"][path]["runs_s"]) == 1
+    assert saved["api_over_cli"] > 0 and isinstance(saved["api_within_5_percent"], bool)

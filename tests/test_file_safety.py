@@ -208,7 +208,7 @@ def test_an_os_error_mid_run_is_one_line_exit_1_and_keeps_the_previous_result(wo
     def disk_full(path, *args, **kwargs):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr("rnp_fast.defend.plot_pruning", disk_full)
+    monkeypatch.setattr("rnp_fast.defense.plot_pruning", disk_full)
     code, err = run_cli(argv, capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "No space left on device" in err

@@ -2,13 +2,14 @@
 between the fast path and the reference mode."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from tests_support import TINY_WIDTH
 
 from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
-from rnp_fast.defend import DefendJob, run_defense
+from rnp_fast.defense import DefendJob, run_defense
 from rnp_fast.report import read_mask_file
 
 SHORT = dict(unlearning_epochs=2, recovering_epochs=3, clean_threshold=0.0, pruning_step=0.15)  # no early stop
@@ -106,3 +107,20 @@ def test_pruning_by_number(tiny_checkpoint, tmp_path):
     run_defense(job(tiny_checkpoint, out, rnp={"pruning_by": "number", "pruning_max": 40, "pruning_step": 10}))
     rows = (out / "pruning_by_number.txt").read_text().splitlines()[1:]
     assert [row.split("\t")[0].strip() for row in rows] == ["10", "20", "30", "40"]
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_deterministic_runs_in_both_modes(fast_run, tiny_checkpoint, tmp_path, mode):
+    """--deterministic turns on PyTorch's deterministic kernels (raising on any op without one) in
+    either mode; on the CPU the run was already deterministic, so the masks do not move."""
+    fast_out, _ = fast_run
+    out = tmp_path / mode
+    base = job(tiny_checkpoint, out, mode=mode)
+    try:
+        run_defense(replace(base, engine=replace(base.engine, deterministic=True)))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:  # process-wide switches: leave them as the other tests expect
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    masks, expected = read_mask_file(out / "mask_values.txt"), read_mask_file(fast_out / "mask_values.txt")
+    assert max(abs(a.value - b.value) for a, b in zip(masks, expected, strict=True)) <= 1e-4

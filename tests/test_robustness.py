@@ -17,7 +17,7 @@ from test_pipeline import job
 from tests_support import TINY_WIDTH
 
 from rnp_fast.config import RNPConfig
-from rnp_fast.defend import run_defense
+from rnp_fast.defense import run_defense
 from rnp_fast.errors import UserError
 from rnp_fast.loaders.device_loader import DeviceLoader
 from rnp_fast.loaders.sources import load_source

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rnp_fast.engine import raise_recompile_limit
 from rnp_fast.evaluation.predict import model_input
 from rnp_fast.models.stages import Stage, model_stages, stage_of_module
 
@@ -39,28 +40,48 @@ LIVE_TENSORS_PER_STAGE = 6  # a residual block keeps about this many activations
 
 
 class CandidateNorm(nn.Module):
-    """Eval-mode BatchNorm2d over G groups of B images, each group with its own pruned channels.
+    """Eval-mode BatchNorm2d over G groups of B images, each group with its own pruned channels
+    (see the module docstring for the exact and the folded way)."""
 
-    The unpruned BatchNorm runs on the whole input (the same kernel and weights as the sequential
-    path, so kept channels are bit-identical to it); then every pruned channel of a group is set to
-    its bias, which is exactly what gamma = 0 gives. Only the pruned entries are written.
-    """
-
-    def __init__(self, norm: nn.BatchNorm2d):
+    def __init__(self, norm: nn.BatchNorm2d, folded: bool = False):
         super().__init__()
-        self.norm = norm
-        self.rows: torch.Tensor | None = None  # sample index of every pruned (sample, channel) pair
+        self.norm, self.folded = norm, folded
+        self.rows: torch.Tensor | None = None  # exact: sample index of every pruned (sample, channel) pair
         self.channels: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None  # folded: [G, 1, C, 1, 1] per-group scale and shift
+        self.shift: torch.Tensor | None = None
 
-    def use(self, entries: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
-        self.rows, self.channels = entries
+    def use(self, entries) -> None:
+        if self.folded:
+            self.scale, self.shift = entries
+        else:
+            self.rows, self.channels = entries
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.folded_forward(x) if self.folded else self.exact_forward(x)
+
+    def exact_forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm
         y = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
         if self.rows is not None:
             y[self.rows, self.channels] = norm.bias[self.channels].to(y.dtype)[:, None, None]
         return y
+
+    def folded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self.scale.shape[0]
+        y = x.unflatten(0, (groups, -1)).float() * self.scale + self.shift
+        return y.flatten(0, 1).to(x.dtype)
+
+    def folded_terms(self, pruned: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[G, 1, C, 1, 1] scale and shift: BatchNorm's eval-mode linear terms with each group's
+        pruned channels given gamma = 0 (scale 0, shift = bias)."""
+        norm = self.norm
+        keep = torch.ones(len(pruned), norm.num_features, device=norm.weight.device)
+        for group, indices in enumerate(pruned):
+            keep[group, indices] = 0.0
+        scale = keep * (norm.weight * torch.rsqrt(norm.running_var + norm.eps)).float()
+        shift = norm.bias.float() - norm.running_mean.float() * scale
+        return scale[:, None, :, None, None], shift[:, None, :, None, None]
 
 
 def pruned_entries(pruned: list[torch.Tensor], batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -79,11 +100,16 @@ def pruned_entries(pruned: list[torch.Tensor], batch: int) -> tuple[torch.Tensor
 class StagePlan:
     parent: torch.Tensor | None  # per group of this stage, its group before it (None: unchanged)
     pruned: dict[str, list[torch.Tensor]]  # BatchNorm name -> pruned channel indices of each group
-    entries: dict[int, dict[str, tuple]] = field(default_factory=dict)  # per batch size, built once
+    entries: dict[int | None, dict[str, tuple]] = field(default_factory=dict)  # see entries_for
 
-    def entries_for(self, batch: int) -> dict[str, tuple]:
+    def entries_for(self, batch: int | None, norms: dict[str, CandidateNorm]) -> dict[str, tuple]:
+        """What each BatchNorm of the stage needs, built once: exact entries per batch size, or
+        folded terms (``batch`` None: the same for every batch size)."""
         if batch not in self.entries:
-            self.entries[batch] = {name: pruned_entries(groups, batch) for name, groups in self.pruned.items()}
+            self.entries[batch] = {
+                name: norms[name].folded_terms(groups) if batch is None else pruned_entries(groups, batch)
+                for name, groups in self.pruned.items()
+            }
         return self.entries[batch]
 
 
@@ -96,16 +122,20 @@ class ChunkPlan:
 class CandidateNetwork:
     """One copy of the model (never one per candidate) with every BatchNorm made a CandidateNorm."""
 
-    def __init__(self, model: nn.Module, channels_last: bool = False):
+    def __init__(self, model: nn.Module, channels_last: bool = False, compile_backend: object | None = None):
+        """``compile_backend``: compile every stage with it (``"inductor"`` on the GPU) and fold the
+        pruning into the BatchNorms' scale and shift; None: eager, exact."""
         self.net = copy.deepcopy(model).eval()
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        self.folded = compile_backend is not None
         self.norms: dict[str, CandidateNorm] = {}
         for name, module in list(self.net.named_modules()):
             if isinstance(module, nn.BatchNorm2d):
-                self.norms[name] = CandidateNorm(module)
+                self.norms[name] = CandidateNorm(module, self.folded)
                 self.net.set_submodule(name, self.norms[name])
         self.stages: list[Stage] = model_stages(self.net)
+        self.runs = [compiled_stage(stage.run, compile_backend) for stage in self.stages]
         self.stage_of_norm = {name: stage_of_module(self.stages, name) for name in self.norms}
         self.device = next(self.net.parameters()).device
 
@@ -144,16 +174,27 @@ class CandidateNetwork:
         """Logits [G, B, K] for the final groups of ``plan`` on one normalised batch ``x``;
         ``observe`` sees every stage's output."""
         batch, groups = len(x), 1
-        for stage, stage_plan in zip(self.stages, plan.stages, strict=True):
+        for run, stage_plan in zip(self.runs, plan.stages, strict=True):
             if stage_plan.parent is not None:
                 x = x.unflatten(0, (groups, batch))[stage_plan.parent].flatten(0, 1)
                 groups = len(stage_plan.parent)
-            for name, entries in stage_plan.entries_for(batch).items():
+            for name, entries in stage_plan.entries_for(None if self.folded else batch, self.norms).items():
                 self.norms[name].use(entries)
-            x = stage.run(x)
+            x = run(x)
             if observe is not None:
                 observe(x)
         return x.float().unflatten(0, (groups, batch))
+
+
+def compiled_stage(run: Callable[[torch.Tensor], torch.Tensor], backend: object | None):
+    """``run`` compiled. The group count (and so the batch) varies between chunks and stages:
+    dimensions become dynamic after the first change instead of compiling each size. Not
+    ``fullgraph``: a model from outside the zoo is one stage and may break the graph somewhere; the
+    zoo's stages compile whole (a test counts their graphs)."""
+    if backend is None:
+        return run
+    raise_recompile_limit()
+    return torch.compile(run, backend=backend)
 
 
 @dataclass
@@ -179,15 +220,16 @@ class BatchedScoring:
         amp: torch.dtype | None = None,
         channels_last: bool = False,
         warn: Callable[[str], None] | None = None,
+        compile_backend: object | None = None,
     ):
         self.image_sets, self.mean, self.std = list(image_sets), mean, std
         self.batch_size, self.chunk_size = batch_size, chunk_size
-        self.amp, self.channels_last = amp, channels_last
+        self.amp, self.channels_last, self.compile_backend = amp, channels_last, compile_backend
         self.warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
 
     def score(self, model: nn.Module, prune_sets: Sequence[PruneSet]) -> list[list[torch.Tensor]]:
         distinct = list(dict.fromkeys(prune_sets))  # identical prune sets are scored once
-        network = CandidateNetwork(model, self.channels_last)
+        network = CandidateNetwork(model, self.channels_last, self.compile_backend)
         shape = self.pass_shape(network, len(distinct))
         while True:
             try:

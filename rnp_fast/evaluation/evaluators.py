@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rnp_fast.evaluation.metrics import Metrics, Outputs, metrics_from_outputs
-from rnp_fast.evaluation.predict import model_outputs
+from rnp_fast.evaluation.predict import model_outputs, no_logits
 from rnp_fast.evaluation.test_sets import TestSets
 from rnp_fast.loaders.reference_loader import PerSampleDataset
 from rnp_fast.loaders.sources import ImageSet
@@ -45,7 +45,10 @@ class ReferenceEvaluator:
     def __call__(self, model: nn.Module) -> Metrics:
         model.eval()
         device = next(model.parameters()).device
-        logits = [torch.cat([model(x.to(device)).float() for x, _ in loader]) for loader in self.loaders]
+        logits = [
+            torch.cat([model(x.to(device)).float() for x, _ in loader]) if len(loader.dataset) else no_logits(device)
+            for loader in self.loaders
+        ]
         return metrics_from_outputs(Outputs(*logits), self.data)
 
 

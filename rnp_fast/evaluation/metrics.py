@@ -45,8 +45,18 @@ def metrics_from_outputs(outputs: Outputs, data: TestSets) -> Metrics:
         asr=accuracy(outputs.poisoned_logits, data.poison_targets),
         poison_loss=mean_loss(outputs.poisoned_logits, data.poison_targets),
         clean_acc_full=accuracy(outputs.clean_logits, data.clean.labels),
-        robust_acc=accuracy(outputs.poisoned_logits, data.poisoned.labels),
+        robust_acc=robust_accuracy(outputs.poisoned_logits, data.poisoned.labels),
     )
+
+
+UNKNOWN_LABEL = -1  # a triggered image whose true label the Python API's caller did not give
+
+
+def robust_accuracy(logits: torch.Tensor, true_labels: torch.Tensor) -> float:
+    """Triggered images classified as their true label; NaN when the true labels are unknown."""
+    if bool((true_labels == UNKNOWN_LABEL).any()):
+        return float("nan")
+    return accuracy(logits, true_labels)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

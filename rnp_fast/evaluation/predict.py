@@ -25,12 +25,19 @@ def predict(
 ) -> torch.Tensor:
     """float32 logits [N, K] of ``model`` in eval mode over uint8 ``images``."""
     model.eval()
+    if not len(images):
+        return no_logits(images.device)
     with autocast(images.device, amp):
         chunks = [
             model(model_input(images[start : start + batch_size], mean, std, channels_last)).float()
             for start in range(0, len(images), batch_size)
         ]
     return torch.cat(chunks)
+
+
+def no_logits(device: torch.device) -> torch.Tensor:
+    """The logits of an empty test set (a set the Python API's caller did not give): NaN metrics."""
+    return torch.empty(0, 0, device=device)
 
 
 def autocast(device: torch.device, amp: torch.dtype | None):

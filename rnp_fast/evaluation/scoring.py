@@ -19,7 +19,7 @@ from torch import nn
 from rnp_fast.evaluation.candidates import BatchedScoring, PruneSet
 from rnp_fast.evaluation.evaluators import make_evaluator
 from rnp_fast.evaluation.metrics import Metrics, Outputs, accuracy, metrics_from_outputs
-from rnp_fast.evaluation.predict import predict
+from rnp_fast.evaluation.predict import model_input, no_logits, predict
 from rnp_fast.evaluation.test_sets import TestSets
 from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.prune import PruneStep, pruned_state_dict
@@ -34,6 +34,7 @@ class ScoringOptions:
     amp: torch.dtype | None = None
     channels_last: bool = False
     warn: Callable[[str], None] | None = None
+    compile_backend: object | None = None  # batched scoring compiled (folded BatchNorms); None: eager, exact
 
     @property
     def batched(self) -> bool:
@@ -41,7 +42,15 @@ class ScoringOptions:
 
     def batched_scoring(self, image_sets: list[torch.Tensor], mean, std) -> BatchedScoring:
         return BatchedScoring(
-            image_sets, mean, std, self.batch_size, self.chunk_size, self.amp, self.channels_last, self.warn
+            image_sets,
+            mean,
+            std,
+            self.batch_size,
+            self.chunk_size,
+            self.amp,
+            self.channels_last,
+            self.warn,
+            self.compile_backend,
         )
 
 
@@ -52,12 +61,42 @@ def prune_set(step: PruneStep) -> PruneSet:
 def score_steps(model: nn.Module, steps: list[PruneStep], data: TestSets, options: ScoringOptions) -> list[Metrics]:
     """Test-set metrics of every step, pruning the original weights of ``model`` (left unchanged)."""
     if options.batched:
-        logits = options.batched_scoring([data.clean.images, data.poisoned.images], data.mean, data.std).score(
-            model, [prune_set(step) for step in steps]
-        )
+        logits = batched_test_logits(model, steps, data, options)
         return [metrics_from_outputs(Outputs(*pair), data) for pair in logits]
     evaluator = make_evaluator(options.mode, data, options.batch_size, options.channels_last, options.amp)
     return score_sequentially(model, steps, evaluator, dedupe=options.mode == "fast")
+
+
+def batched_test_logits(model: nn.Module, steps: list[PruneStep], data: TestSets, options: ScoringOptions):
+    """[clean logits, poisoned logits] per step; a test set the caller did not give (empty: the
+    Python API without ``test`` or ``poisoned``) gets empty logits, hence NaN metrics."""
+    sets = [data.clean.images, data.poisoned.images]
+    present = [images for images in sets if len(images)]
+    if not present:
+        return [[no_logits(data.device)] * 2 for _ in steps]
+    scored = options.batched_scoring(present, data.mean, data.std).score(model, [prune_set(step) for step in steps])
+    return [refill(per_step, sets) for per_step in scored]
+
+
+def refill(logits: list[torch.Tensor], sets: list[torch.Tensor]) -> list[torch.Tensor]:
+    given = iter(logits)
+    return [next(given) if len(images) else no_logits(images.device) for images in sets]
+
+
+def samples_independent(model: nn.Module, images: torch.Tensor, mean, std, count: int = 4) -> bool:
+    """Whether ``model``'s eval-mode forward treats samples independently, which batched scoring
+    needs (it folds candidates into the batch): a batch of ``count`` images against one at a time.
+    Eval-mode BatchNorm with running statistics is per-sample; batch statistics, or layers that
+    mix samples, are not. The zoo's models are independent by construction."""
+    was_training = model.training
+    x = model_input(images[:count], mean, std)
+    with torch.no_grad():
+        model.eval()
+        together = model(x).float()
+        alone = torch.cat([model(x[i : i + 1]).float() for i in range(len(x))])
+    model.train(was_training)
+    scale = together.abs().max().clamp_min(1.0)
+    return bool(((together - alone).abs().max() <= 1e-4 * scale).item())
 
 
 def score_sequentially(model: nn.Module, steps: list[PruneStep], evaluator, dedupe: bool = True) -> list:

@@ -84,7 +84,7 @@ def backdoored_model(job: Job, models_dir: Path, device: str) -> tuple[Path, dic
 
 
 def defend(job: Job, model_path: Path, job_dir: Path, device: str) -> dict:
-    from rnp_fast.defend import DefendJob, run_defense
+    from rnp_fast.defense import DefendJob, run_defense
 
     return run_defense(
         DefendJob(

@@ -45,7 +45,7 @@ class Job:
 
     @cached_property
     def hash(self) -> str:
-        config = self.config()
+        config = without_unset_later_fields(self.config())
         for section in SECTIONS:
             for name in not_identity(section):
                 config[section].pop(name)
@@ -53,7 +53,7 @@ class Job:
 
     @cached_property
     def train_hash(self) -> str:
-        config = self.config()
+        config = without_unset_later_fields(self.config())
         config["data"] = {k: v for k, v in config["data"].items() if k not in DEFENSE_ONLY_DATA}
         training = set(TRAIN_ENGINE_FIELDS) - set(not_identity("engine"))  # precision, compile, layout
         config["engine"] = {k: v for k, v in config["engine"].items() if k in training}
@@ -62,6 +62,14 @@ class Job:
     def label(self) -> str:
         """Short description for log lines: the axis values, or the hash when nothing varies."""
         return " ".join(f"{key}={value}" for key, value in self.varied.items()) or self.hash
+
+
+def without_unset_later_fields(config: dict) -> dict:
+    """Fields added after stores existed are left out of the hashes while unset, so a store made
+    before them still recognises its finished jobs."""
+    if not config["model"].get("arch_kwargs"):
+        config["model"].pop("arch_kwargs", None)
+    return config
 
 
 def digest(config: dict) -> str:

@@ -2,6 +2,8 @@
 
 Everything that can be checked (output path, configuration, model file, masks, data) is checked
 before the run directory is created; the run directory itself is written atomically (`outputs`).
+The computation (`compute_defense`) is apart from the writing (`write_results`, `write_summary`):
+the CLI writes at once, the Python API (`api`) when its caller saves the result.
 
 In the fast mode the model before the defense and the purified model are two of the pruning
 candidates (the unpruned one and the chosen one): their metrics come from the same scoring pass,
@@ -13,7 +15,8 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +29,7 @@ from rnp_fast.data import DefenseData, defense_data
 from rnp_fast.device import describe_device
 from rnp_fast.errors import UserError
 from rnp_fast.evaluation.metrics import Metrics, defense_effectiveness
-from rnp_fast.evaluation.scoring import holdout_accuracies, score_steps
+from rnp_fast.evaluation.scoring import holdout_accuracies, samples_independent, score_steps
 from rnp_fast.masked_bn import MaskedBatchNorm2d
 from rnp_fast.outputs import RunDirectory, vet_output
 from rnp_fast.provenance import versions
@@ -59,8 +62,8 @@ UNPRUNED = PruneStep(label=float("nan"), count=0, channels=[])
 
 @dataclass
 class DefendJob:
-    model_path: str
-    out: str
+    model_path: str | None  # None: the model is a Python object (rnp_fast.defend)
+    out: str | None  # None: nothing is written until the caller saves the result (rnp_fast.defend)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -103,6 +106,21 @@ def load_inputs(job: DefendJob, run: ResolvedRun) -> Inputs:
     return Inputs(backdoored, unlearned, channels)
 
 
+@dataclass
+class Defense:
+    """What a defense computed, before any file is written (the CLI writes it at once, the Python
+    API when its caller saves the result)."""
+
+    job: DefendJob
+    run: ResolvedRun
+    data: DefenseData
+    channels: list[Channel]
+    pruning: Pruning
+    purified: nn.Module
+    stop: dict
+    timings: dict[str, float]
+
+
 def run_defense(job: DefendJob, reuse: bool = False) -> dict:
     """Run RNP end to end; returns the summary (also written to ``summary.json``). ``reuse``: this
     process will defend again (a sweep, a benchmark), where compiling the steps pays back."""
@@ -114,36 +132,75 @@ def run_defense(job: DefendJob, reuse: bool = False) -> dict:
         log = RunLog(out.path("output.log"), job.engine.quiet)
         run.warn = log.info
         try:
-            return defend_into(out, log, job, run, inputs, started)
+            defense = compute_defense(job, run, inputs, log, started)
+            write_results(out, defense)
+            summary = finish(defense, started)
+            write_summary(out, defense, summary)
+            return summary
         finally:
             log.close()
 
 
-def defend_into(out: RunDirectory, log: RunLog, job: DefendJob, run: ResolvedRun, inputs: Inputs, started) -> dict:
-    log.info(f"rnp_fast {__version__} on {describe_device(run.device)}, mode {job.engine.mode}")
-    log.info(f"engine: {run.engine.describe()}")
-    for reason in run.engine.reasons:
-        log.info(reason)
+def compute_defense(job: DefendJob, run: ResolvedRun, inputs: Inputs, log: RunLog, started: float) -> Defense:
+    """Unlearn, recover (unless masks were given), prune, score and choose: everything but the files."""
+    log_setup(log, job, run)
     log.info("----------- Data Initialization --------------")
     run.tests  # noqa: B018 - poison and place the test sets now: their time is part of "data"
     defense = defense_data(run.source, job.data)
     timings: dict[str, float] = {"data": time.perf_counter() - started}
     log.info("----------- Backdoor Model Initialization --------------")
     log.info(f"{len(defense.train)} defense images, {len(defense.holdout)} held out")
+    check_batched_scoring(run, inputs.backdoored, defense, log)
     separate_before = reference_before(job, run, inputs.backdoored, log, timings)
     stop = {"stop_epoch": None, "reached_threshold": None, "diverged_epoch": None}
     channels = inputs.channels
     if channels is None:
         channels = learn_masks(job, run, inputs, defense, log, timings, stop)
-    out.write_text("mask_values.txt", format_mask_values(channels))
     pruning = prune_and_choose(job, run, inputs.backdoored, channels, defense, separate_before, log, timings)
     purified = prune_(copy.deepcopy(inputs.backdoored), pruning.chosen.channels if pruning.chosen else [])
-    write_outputs(out, job, pruning, purified)
-    timings["total"] = time.perf_counter() - started
-    summary = make_summary(job, pruning, stop, timings, run, defense)
+    return Defense(job, run, defense, channels, pruning, purified, stop, timings)
+
+
+def log_setup(log: RunLog, job: DefendJob, run: ResolvedRun) -> None:
+    log.info(f"rnp_fast {__version__} on {describe_device(run.device)}, mode {job.engine.mode}")
+    log.info(f"engine: {run.engine.describe()}")
+    for reason in run.engine.reasons:
+        log.info(reason)
+
+
+def check_batched_scoring(run: ResolvedRun, model: nn.Module, defense: DefenseData, log: RunLog) -> None:
+    """Batched scoring folds the candidates into the batch, so it needs a model whose eval-mode
+    forward treats samples independently: the zoo's staged models do by construction; any other
+    model is checked once on a few defense images, and scored sequentially if it fails."""
+    if not run.scoring().batched or callable(getattr(model, "stages", None)):
+        return
+    images = defense.train.images[:4].to(run.device)
+    if samples_independent(model, images, run.mean, run.std):
+        return
+    message = (
+        f"{type(model).__name__}'s eval-mode outputs depend on the other samples of a batch, so pruning "
+        "candidates are scored sequentially (slower) instead of batched"
+    )
+    log.info(f"WARNING: {message}")
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    run.engine_config = replace(run.engine_config, scoring="sequential")
+
+
+def write_results(out: RunDirectory, defense: Defense) -> None:
+    """Masks, pruning tables, plot and purified model (the summary comes after, with the total time)."""
+    out.write_text("mask_values.txt", format_mask_values(defense.channels))
+    write_outputs(out, defense.job, defense.pruning, defense.purified)
+
+
+def finish(defense: Defense, started: float) -> dict:
+    """The summary, with the time from ``started`` until now as the total."""
+    defense.timings["total"] = time.perf_counter() - started
+    return make_summary(defense.job, defense.pruning, defense.stop, defense.timings, defense.run, defense.data)
+
+
+def write_summary(out: RunDirectory, defense: Defense, summary: dict) -> None:
     out.write_json("summary.json", summary)
-    out.write_json("config.json", resolved_config(job, run.device))
-    return summary
+    out.write_json("config.json", resolved_config(defense.job, defense.run.device))
 
 
 def reference_before(job, run: ResolvedRun, backdoored, log, timings) -> Metrics | None:
@@ -350,11 +407,17 @@ def engine_summary(run: ResolvedRun, stop: dict) -> dict:
 
 
 def resolved_config(job: DefendJob, device: torch.device) -> dict:
+    from_python = job.model_path is None  # rnp_fast.defend: the caller gave the test sets, no attack made them
+    sections = (
+        [job.model, job.data, job.rnp, job.engine]
+        if from_python
+        else [job.model, job.data, job.attack, job.rnp, job.engine]
+    )
     return {
-        "model_path": str(Path(job.model_path).resolve()),
+        "model_path": None if from_python else str(Path(job.model_path).resolve()),
         "mask_file": job.mask_file,
         "unlearned_model": job.unlearned_model,
-        **to_dict(job.model, job.data, job.attack, job.rnp, job.engine),
+        **to_dict(*sections),
         "versions": versions(),
         "device": describe_device(device),
     }

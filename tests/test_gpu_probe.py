@@ -1,0 +1,119 @@
+"""The GPU probe (benchmarks/gpu_probe.py) in its dry run: the same code on the CPU with tiny sizes.
+
+One dry run of every section (in this process, with one section made to fail on purpose) serves
+the first three tests; the wrapper (benchmarks/gpu_suite.sh) runs one cheap section as users run it.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnp_fast.kernels import auto_table
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+FAILING = "reference"  # made to fail; the sweep section comes after it
+
+
+@pytest.fixture(scope="module")
+def gpu_probe():
+    """benchmarks/gpu_probe.py as the script imports it (its folder on sys.path, for this module only);
+    the environment and thread count the probe sets are restored afterwards."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "OMP_NUM_THREADS"):
+            patch.setenv(name, os.environ.get(name, ""))  # undone on exit, whatever the probe sets
+        yield importlib.import_module("gpu_probe")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dry_run(gpu_probe, tmp_path_factory):
+    """(exit code, final JSON, the JSON read back after every save, paths) of one dry run."""
+    folder = tmp_path_factory.mktemp("probe")
+    out, table = folder / "probe.json", folder / "auto_table.json"
+    snapshots = []
+    save_json = gpu_probe.save_json
+
+    def save_and_read_back(data, path):
+        saved = save_json(data, path)
+        snapshots.append(json.loads(Path(path).read_text()))  # raises if not valid JSON
+        return saved
+
+    table_before = auto_table.TABLE.read_bytes() if auto_table.TABLE.is_file() else None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpu_probe, "save_json", save_and_read_back)
+        argv = ["--dry-run", "--out", str(out), "--auto-table", str(table), "--fail-section", FAILING]
+        code = gpu_probe.main(argv)
+    table_after = auto_table.TABLE.read_bytes() if auto_table.TABLE.is_file() else None
+    assert table_after == table_before  # never the package's table from a dry run
+    return code, json.loads(out.read_text()), snapshots, table
+
+
+def test_the_dry_run_records_every_section(gpu_probe, dry_run):
+    code, report, _, table = dry_run
+    assert list(report["sections"]) == list(gpu_probe.SECTIONS)
+    assert report["dry_run"] and report["device"] == "cpu" and report["versions"]["torch"] and report["date"]
+    assert report["command"] and report["total_s"] > 0
+    sections = report["sections"]
+    assert {name for name, entry in sections.items() if entry["status"] != "ok"} == {FAILING}
+    assert all(entry["seconds"] >= 0 and "results" in entry for entry in sections.values())
+    assert sections["graphs"]["results"]["all_match"]
+    kernel = sections["kernel"]["results"]
+    assert kernel["failed"] == kernel["errors"] == 0 and kernel["skipped"] > 0  # the CUDA tests skip here
+    steps = sections["steps"]["results"]
+    assert steps["recover"]["eager_cuda_graph"] == {"status": "skipped", "reason": "no CUDA"}
+    assert steps["unlearn"]["compiled"]["median_ms"] > 0 and steps["recover"]["compiled_fused_bn"]["status"] == "ok"
+    saved_table = json.loads(table.read_text())
+    assert steps["auto_table"]["path"] == str(table) and saved_table["cases"][0]["key"].startswith("cpu|ResNet:")
+    e2e = sections["e2e"]["results"]
+    assert {"eval_every_0", "eval_every_1"} <= e2e.keys() and e2e["eval_every_1"]["warm_median_seconds"]["fast"]
+    assert sections["sweep"]["results"]["batched_equals_sequential"]
+    assert sections["throughput"]["results"]["defenses_per_hour"] > 0
+    assert set(sections["science"]["results"]["seeds"]["0"]) >= {"asr_before", "asr_after", "clean_acc_after"}
+
+
+def test_a_failing_section_is_recorded_and_the_next_one_runs(dry_run):
+    code, report, _, _ = dry_run
+    failed = report["sections"][FAILING]
+    assert code == 1 and failed["status"] == "error"
+    assert failed["error"]["type"] == "RuntimeError" and "--fail-section" in failed["error"]["message"]
+    assert "Traceback" in failed["error"]["traceback_tail"]
+    assert report["sections"]["sweep"]["status"] == "ok"
+
+
+def test_the_json_is_valid_after_each_section(gpu_probe, dry_run):
+    _, report, snapshots, _ = dry_run
+    order = list(gpu_probe.SECTIONS)
+    finished = [[name for name, e in s["sections"].items() if e["status"] != "running"] for s in snapshots]
+    for done in finished:  # every save holds the sections finished so far, in order
+        assert done == order[: len(done)]
+    assert [tuple(order[:n]) for n in range(len(order) + 1)] == sorted({tuple(d) for d in finished}, key=len)
+    assert snapshots[-1] == report
+
+
+def test_sections_over_the_budget_are_skipped(gpu_probe, tmp_path):
+    out = tmp_path / "probe.json"
+    assert gpu_probe.main(["--dry-run", "--sections", "env,graphs", "--budget-s", "0.001", "--out", str(out)]) == 0
+    sections = json.loads(out.read_text())["sections"]
+    assert [entry["status"] for entry in sections.values()] == ["skipped", "skipped"]
+    assert "--budget-s" in sections["graphs"]["reason"]
+
+
+def test_the_wrapper_runs_the_probe_and_refuses_bad_sections(tmp_path):
+    out = tmp_path / "probe.json"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    wrapper = ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--dry-run", "--out", str(out)]
+    done = subprocess.run([*wrapper, "--sections", "env"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["sections"]["env"]["results"]["matmul"]["tflops"] > 0
+    bad = subprocess.run([*wrapper, "--sections", "env,gpu"], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    sections = "env, graphs, kernel, steps, e2e, reference, sweep, throughput, science"
+    assert bad.stderr.strip() == f"gpu_probe.py: error: --sections takes {sections}; got 'env,gpu'"
