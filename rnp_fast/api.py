@@ -4,7 +4,7 @@
 
 This is the CLI's defense, not a second one: the caller's objects replace the CLI's files at the
 seams `resolve_run` offers (the data source, the model factory, the test sets), and the defense
-runs through `defend.compute_defense`, the code the CLI runs, with the same config dataclasses
+runs through `defense.compute_defense`, the code the CLI runs, with the same config dataclasses
 and defaults. The model factory copies the caller's model and swaps its BatchNorm layers
 (`models.swap`); the caller's model itself is never touched. ``result.save(out)`` writes the
 CLI's run directory, through `outputs.RunDirectory` like every other write.
@@ -37,6 +37,8 @@ from rnp_fast.outputs import RunDirectory
 from rnp_fast.prune import Channel, make_step, prune_, rank_channels, single_threshold_step
 from rnp_fast.resolved import ModelFactory, ResolvedRun, resolve_run
 from rnp_fast.runlog import RunLog
+
+RESOLVED_BEFORE = [0]  # runs this process has resolved through the API
 
 
 @dataclass
@@ -167,7 +169,12 @@ def python_run(model, defense, mean, std, test, poisoned, rnp, data, engine) -> 
     # The source's test split is never read when the test sets are given; it holds the caller's clean set.
     source = DataSource("python", train, tests.clean, class_count(train, tests), mean, std)
     build = copies_of(model)
-    run = resolve_run(job.model, job.data, AttackConfig(), job.engine, source=source, build=build, tests=tests)
+    # --compile auto: from the second defense in this process on, compiled steps are reused
+    reuse = RESOLVED_BEFORE[0] > 0
+    RESOLVED_BEFORE[0] += 1
+    run = resolve_run(
+        job.model, job.data, AttackConfig(), job.engine, source=source, build=build, tests=tests, reuse=reuse
+    )
     return job, run
 
 

@@ -1,6 +1,6 @@
 """`rnp-fast bench`: the reference mode and the fast mode on identical work, phase by phase.
 
-Both modes run the whole defense (`defend.run_defense`) with the same model, data, a fixed number
+Both modes run the whole defense (`defense.run_defense`) with the same model, data, a fixed number
 of unlearning epochs (early stop off, so both do the same number of steps), the same recovering
 epochs, per-epoch evaluation of both test sets when asked (the reference always does it), and the
 same pruning thresholds. Each mode first runs once untimed-for-the-median: that run is reported

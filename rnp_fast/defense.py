@@ -257,7 +257,7 @@ def learn_masks(job, run: ResolvedRun, inputs: Inputs, defense: DefenseData, log
     """Unlearning (unless an unlearned model was given) then recovering; returns mask values."""
     eval_every = job.engine.eval_every if job.engine.eval_every or job.engine.mode == "fast" else 1
     loader = run.defense_loader(defense.train)
-    reporter = EpochReporter(log, run.evaluator(), eval_every)
+    reporter = EpochReporter(log, run.epoch_evaluator(), eval_every)
     unlearned = inputs.unlearned
     if unlearned is None:
         unlearned = unlearning(job, run, inputs.backdoored, loader, reporter, log, timings, stop)

@@ -40,6 +40,9 @@ class EngineSettings:
     bn_kernel: str = "torch"  # torch, triton (the fused operator) or auto (the measured table decides)
     eval_rows: int | None = None  # images per evaluation forward; None: --eval-batch-size
     eval_channels_last: bool = False  # layout of evaluation inputs
+    # Precision of the per-epoch report (informational: nothing is chosen from it); the scoring
+    # that picks the threshold and the before/after metrics always use ``amp``
+    epoch_eval_amp: torch.dtype | None = None
     deterministic: bool = False
     compile_backend: object = "inductor"  # tests count graphs with a backend of their own
     reasons: tuple[str, ...] = field(default=(), compare=False)  # why compile / CUDA graphs are on or off
@@ -53,8 +56,9 @@ class EngineSettings:
     def describe(self) -> str:
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[self.amp]
         rows = self.eval_rows or "--eval-batch-size"
+        report = "" if self.epoch_eval_amp is self.amp else " (per-epoch report bf16: AMX)"
         return (
-            f"evaluation batch {rows}, compile {'on' if self.compile else 'off'}, amp {amp}, "
+            f"evaluation batch {rows}, compile {'on' if self.compile else 'off'}, amp {amp}{report}, "
             f"channels_last {'on' if self.channels_last else 'off'}, "
             f"cuda graphs {'on' if self.cuda_graphs else 'off'}, BatchNorm kernel {self.bn_kernel}"
         )
@@ -92,12 +96,31 @@ def resolve_engine(config, device: torch.device, reuse: bool = False) -> EngineS
         # CPU: per-image cost is lowest at small batches, which stay in cache (channels_last, demo
         # model: 64 images 0.19 ms/image, 512 images 0.55 ms/image); the GPU wants the large batch
         eval_rows=None if cuda else CPU_EVAL_ROWS,
+        epoch_eval_amp=epoch_report_precision(config.amp, amp, cuda),
         deterministic=config.deterministic,
         reasons=(compile_reason, graphs_reason(graphs_on, compile_on, config.cuda_graphs, cuda)),
     )
     check_settings(settings, device)
     configure_backends(settings, device)
     return settings
+
+
+def epoch_report_precision(flag: str, amp: torch.dtype | None, cuda: bool) -> torch.dtype | None:
+    """The engine's precision, except on a CPU with AMX bf16 units under ``--amp auto``: there the
+    per-epoch report runs in bf16, 2.5x faster than fp32 on the demo model (its accuracies agreed
+    on all 1,700 test images; logits moved by up to 0.2), while training, the scoring and the
+    before/after metrics stay fp32, so masks and pruning tables still equal the reference mode's."""
+    if cuda or flag != "auto" or not cpu_has_amx_bf16():
+        return amp
+    return torch.bfloat16
+
+
+def cpu_has_amx_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in handle)
+    except OSError:
+        return False
 
 
 def choose_compile(flag: bool | None, cuda: bool, reuse: bool) -> tuple[bool, str]:

@@ -138,6 +138,11 @@ class ResolvedRun:
         mode = self.engine_config.mode
         return make_evaluator(mode, self.tests, self.eval_batch, self.engine.eval_channels_last, self.engine.amp)
 
+    def epoch_evaluator(self) -> Evaluator:
+        """The evaluator of the per-epoch report, in its own precision (`EngineSettings.epoch_eval_amp`)."""
+        mode, amp = self.engine_config.mode, self.engine.epoch_eval_amp
+        return make_evaluator(mode, self.tests, self.eval_batch, self.engine.eval_channels_last, amp)
+
     def scoring(self) -> ScoringOptions:
         """How pruning candidates are scored (batched or sequential, chunk, precision, layout)."""
         return ScoringOptions(

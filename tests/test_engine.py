@@ -34,7 +34,9 @@ def test_reference_mode_is_always_eager():
 
 def test_explicit_flags_are_kept():
     config = EngineConfig(compile=True, amp="bf16", channels_last=True, bn_kernel="torch")
-    assert resolve_engine(config, CPU) == EngineSettings(True, torch.bfloat16, True, False, "torch", 64, True)
+    assert resolve_engine(config, CPU) == EngineSettings(
+        True, torch.bfloat16, True, False, "torch", 64, True, torch.bfloat16
+    )
 
 
 @pytest.mark.parametrize(
@@ -159,3 +161,16 @@ def test_compiled_steps_compile_once_per_batch_shape(tiny_checkpoint, tmp_path):
     # sequential scoring: the batched scoring compiles graphs of its own (tested apart)
     run_defense(replace(base, engine=replace(base.engine, compile=True, scoring="sequential")))
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 3  # unlearn, recover, the mask clamp
+
+
+def test_per_epoch_report_runs_in_bf16_only_on_amx_cpus_under_amp_auto(monkeypatch):
+    from rnp_fast import engine
+
+    monkeypatch.setattr(engine, "cpu_has_amx_bf16", lambda: True)
+    settings = resolve_engine(EngineConfig(), CPU)
+    assert settings.epoch_eval_amp is torch.bfloat16 and settings.amp is None  # training and scoring fp32
+    assert "per-epoch report bf16" in settings.describe()
+    assert resolve_engine(EngineConfig(amp="off"), CPU).epoch_eval_amp is None  # asked for fp32: everywhere
+    assert resolve_engine(EngineConfig(mode="reference"), CPU).epoch_eval_amp is None
+    monkeypatch.setattr(engine, "cpu_has_amx_bf16", lambda: False)
+    assert resolve_engine(EngineConfig(), CPU).epoch_eval_amp is None
