@@ -102,6 +102,7 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
                 progress(f"{mode}: run {number}/{config.repeats}")
                 warm[mode].append(run_once(config, mode, Path(workdir), number))
         work = workload_flops(config, Path(workdir))
+        agreement = modes_agree(Path(workdir), config.repeats) if len(modes) == 2 else None
     medians = {mode: {p: statistics.median(run[p] for run in warm[mode]) for p in PHASES} for mode in modes}
     return {
         "benchmark": "rnp-fast bench",
@@ -111,8 +112,24 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
         "warm_median_seconds": medians,
         "warm_runs_seconds": warm,
         "speedup_reference_over_fast": speedups(medians),
+        "modes_agree": agreement,
         "flops": work,
         "achieved": achieved(work, medians, describe_device(device)),
+    }
+
+
+def modes_agree(workdir: Path, number: int) -> dict:
+    """Whether the last runs of both modes gave the same science: the largest mask difference,
+    and whether the pruning tables are identical."""
+    from rnp_fast.report import read_mask_file
+
+    runs = {mode: workdir / f"{mode}-{number}" for mode in ("reference", "fast")}
+    masks = {mode: read_mask_file(run / "mask_values.txt") for mode, run in runs.items()}
+    tables = {mode: (run / "pruning_by_threshold.txt").read_text() for mode, run in runs.items()}
+    pairs = zip(masks["reference"], masks["fast"], strict=True)
+    return {
+        "max_mask_difference": max(abs(a.value - b.value) for a, b in pairs),
+        "pruning_tables_identical": tables["reference"] == tables["fast"],
     }
 
 
@@ -176,6 +193,10 @@ def format_table(result: dict) -> str:
         f"{result['device']}; medians of {result['config']['repeats']} warm runs (in-process: compiled code and "
         f"caches from the cold run are reused); cold (first) runs: {cold}"
     )
+    if result.get("modes_agree"):
+        agree = result["modes_agree"]
+        same = "identical" if agree["pruning_tables_identical"] else "DIFFERENT"
+        lines.append(f"masks differ by at most {agree['max_mask_difference']:.2g}; pruning tables {same}")
     if result.get("achieved"):
         frac = result["achieved"]["fraction_of_bf16_peak"]
         peak = f" ({frac:.1%} of bf16 peak)" if frac else ""

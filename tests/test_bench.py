@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +56,15 @@ def test_bad_bench_flags(flags, message, capsys):
 def test_bench_config_rejects_unknown_modes():
     with pytest.raises(UserError, match="--modes takes reference and/or fast"):
         BenchConfig(modes="fast,turbo")
+
+
+def test_modes_agree_compares_the_last_runs_masks_and_tables(tmp_path):
+    from rnp_fast.bench import modes_agree
+
+    masks = Path(__file__).parent / "data" / "reference" / "mask_values.txt"
+    for mode, table in (("reference", "No \t Layer\n0 \t a\n"), ("fast", "No \t Layer\n0 \t b\n")):
+        run = tmp_path / f"{mode}-3"
+        run.mkdir()
+        shutil.copy(masks, run / "mask_values.txt")
+        (run / "pruning_by_threshold.txt").write_text(table)
+    assert modes_agree(tmp_path, 3) == {"max_mask_difference": 0.0, "pruning_tables_identical": False}
