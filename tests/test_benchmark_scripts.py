@@ -94,6 +94,7 @@ def test_bench_layout_runs_and_saves_its_json(tmp_path):
         assert saved[f"train_step_ms_{layout}"] > 0
 
 
+@pytest.mark.slow  # four demo defenses: 17 s; the API's parity with the CLI is tested in test_api.py
 def test_bench_api_times_both_paths_and_saves_its_json(tmp_path):
     out = tmp_path / "api.json"
     flags = ["--device", "cpu", "--repeats", "1", "--unlearning-epochs", "1", "--recovering-epochs", "1"]
