@@ -5,7 +5,8 @@ Sections, in order of value (``--sections`` picks some):
 1. env: torch / CUDA / Triton / cuDNN versions, the device, its SMs and memory, a bf16 matrix rate.
 2. graphs: Dynamo graph and graph-break counts of every compiled step (unlearn, recover, train),
    each BatchNorm kernel, fp32 and bf16, NCHW and channels_last: one graph each, as on the CPU.
-3. kernel: the masked BatchNorm operator's CUDA and Triton tests (pytest, in a subprocess).
+3. kernel: the masked BatchNorm operator's CUDA and Triton tests and the CUDA-graph step test
+   (pytest, in a subprocess).
 4. steps: per-step median ms, first-call seconds and peak memory at batch 128 for unlearn and
    recover, eager / CUDA graph / compiled / fused operator / compiled + CUDA graphs; writes the
    ``--bn-kernel auto`` table from the compiled recover steps with and without the operator.
@@ -64,7 +65,8 @@ from rnp_fast.provenance import provenance, versions
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 MASK_FILE = REPO / "tests" / "data" / "reference" / "mask_values.txt"
-KERNEL_TESTS = REPO / "tests" / "test_masked_bn_kernel.py"
+# the operator's CUDA/Triton tests and the CUDA-graph capture of the recover step
+KERNEL_TESTS = [REPO / "tests" / "test_masked_bn_kernel.py", REPO / "tests" / "test_engine.py"]
 STARTED = time.perf_counter()  # the budget counts from the start of the process (imports included)
 
 
@@ -298,7 +300,7 @@ def section_kernel(probe: Probe, results: dict) -> None:
     # -P: the working directory's rnp_fast/ (which lacks kernels/ and loaders/) must not shadow the
     # installed package or gpu_suite.sh's PYTHONPATH fallback
     command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-    command += [str(KERNEL_TESTS.relative_to(REPO)), "-k", probe.sizes.kernel_tests]
+    command += [*(str(path.relative_to(REPO)) for path in KERNEL_TESTS), "-k", probe.sizes.kernel_tests]
     results["command"] = " ".join(command)
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(probe.remaining() - 2, 5))
     results.update(returncode=done.returncode, output_tail=(done.stdout + done.stderr)[-3000:])
