@@ -171,7 +171,11 @@ class EngineConfig:
         "reuses them: sweeps, bench, repeated defenses; off for a single defense and on CPU)",
         default=None,
     )
-    amp: str = doc("autocast precision: bf16, fp16, off or auto (bf16 on CUDA, off on CPU)", default="auto")
+    amp: str = doc(
+        "autocast precision: bf16, fp16, off or auto (bf16 on CUDA; off on CPU, except the per-epoch "
+        "report on CPUs with AMX bf16)",
+        default="auto",
+    )
     channels_last: bool | None = doc(
         "channels_last activations (default: on with CUDA; CPU: evaluation only)", default=None
     )
