@@ -258,6 +258,8 @@ def settle(args: argparse.Namespace) -> torch.device:
         )
     if not args.width > 0:
         raise UserError(f"--width must be > 0, got {args.width}")
+    if args.write_auto_table:
+        auto_table.vet_table_path(args.table)  # before any work: never over a file rnp-fast did not make
     return device
 
 

@@ -433,12 +433,8 @@ def write_auto_table(probe: Probe, recover: dict, model) -> dict:
     settings = {"compile": True, "cuda_graphs": False, "channels_last": True}
     case = {"key": key, "arch": "resnet18", "width": probe.sizes.width, "shape": list(shape), "amp": "bf16"}
     case.update(settings, torch_ms=torch_row["median_ms"], fused_ms=fused_row["median_ms"], source="gpu_probe steps")
-    path = auto_table.write_table([case], provenance(probe.device), probe.args.auto_table)
-    return {"status": "ok", "path": str(path), "case": {**case, "winner": auto_table_winner(case)}}
-
-
-def auto_table_winner(case: dict) -> str:
-    return "fused" if case["fused_ms"] < case["torch_ms"] else "torch"
+    path = auto_table.write_table([case], provenance(probe.device), probe.args.auto_table, "--auto-table")
+    return {"status": "ok", "path": str(path), "case": {**case, "winner": auto_table.winner(case)}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -717,6 +713,7 @@ def settle(args: argparse.Namespace, workdir: Path) -> torch.device:
         raise UserError(
             "a dry run's or a CPU's timings do not belong in the package's auto table: pass --auto-table PATH"
         )
+    auto_table.vet_table_path(args.auto_table, "--auto-table")  # before any work, like --out
     return device
 
 

@@ -44,15 +44,29 @@ def fused_wins(model: nn.Module, sample: torch.Tensor, amp: torch.dtype | None) 
     return measured_cases().get(case_key(device_name, model, tuple(sample.shape), amp)) == "fused"
 
 
-def write_table(cases: list[dict], provenance: dict, path: Path | None = None) -> Path:
+def winner(case: dict) -> str:
+    """The kernel a measured case ({torch_ms, fused_ms}) takes: the faster whole recover step."""
+    return "fused" if case["fused_ms"] < case["torch_ms"] else "torch"
+
+
+def vet_table_path(path: Path | None = None, flag: str = "--table") -> Path:
+    """Where a table may be written: a new file or a table rnp-fast wrote (checked before any work)."""
+    from rnp_fast.outputs import is_our_json, vet_output_file
+
+    return vet_output_file(path or TABLE, flag=flag, owned=is_our_json)
+
+
+def write_table(cases: list[dict], provenance: dict, path: Path | None = None, flag: str = "--table") -> Path:
     """Write measured cases ({key, torch_ms, fused_ms, ...}), each with its winner, merged with the
-    cases already in the table (a new measurement of the same case replaces the old one)."""
-    path = path or TABLE
+    cases already in the table (a new measurement of the same case replaces the old one);
+    atomically, and only over a table of ours (`outputs.save_json`)."""
+    from rnp_fast.outputs import save_json
+
+    path = vet_table_path(path, flag)  # before reading it: never merge into a file rnp-fast did not make
     existing = json.loads(path.read_text(encoding="utf-8")).get("cases", []) if path.is_file() else []
     merged = {entry["key"]: entry for entry in existing}
     for case in cases:
-        merged[case["key"]] = {**case, "winner": "fused" if case["fused_ms"] < case["torch_ms"] else "torch"}
-    table = {"made_by": "rnp-fast", **provenance, "cases": sorted(merged.values(), key=lambda e: e["key"])}
-    path.write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+        merged[case["key"]] = {**case, "winner": winner(case)}
+    save_json({**provenance, "cases": sorted(merged.values(), key=lambda e: e["key"])}, path, flag)
     measured_cases.cache_clear()
     return path

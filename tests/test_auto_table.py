@@ -109,3 +109,12 @@ def test_a_cpu_run_never_writes_the_package_table():
         "bench_masked_bn.py: error: CPU timings of the operator's PyTorch implementation do not belong in the "
         "package's table: pass --table PATH"
     )
+
+
+def test_the_table_is_never_written_over_a_file_rnp_fast_did_not_make(tmp_path):
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "data"}\n')
+    done = run_script("--write-auto-table", "--table", str(mine), *TINY)
+    assert done.returncode == 2 and "not made by rnp-fast" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert mine.read_text() == '{"my": "data"}\n'
