@@ -1,6 +1,8 @@
-"""Device selection with a clear error when the asked-for device is absent."""
+"""Device selection with a clear error when the asked-for device is absent; what the CPU is."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -28,3 +30,14 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"
+
+
+@functools.cache
+def cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of /proc/cpuinfo ("model name", "flags"), or None where there is
+    none (not Linux); read once per field and process."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.split(":")[0].strip() == field), None)
+    except OSError:
+        return None

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rnp_fast.device import cpuinfo
 from rnp_fast.errors import UserError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -116,11 +117,7 @@ def epoch_report_precision(flag: str, amp: torch.dtype | None, cuda: bool) -> to
 
 
 def cpu_has_amx_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in handle)
-    except OSError:
-        return False
+    return "amx_bf16" in (cpuinfo("flags") or "").split()
 
 
 def choose_compile(flag: bool | None, cuda: bool, reuse: bool) -> tuple[bool, str]:

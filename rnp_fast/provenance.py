@@ -10,7 +10,7 @@ import sys
 import torch
 
 from rnp_fast import __version__
-from rnp_fast.device import describe_device
+from rnp_fast.device import cpuinfo, describe_device
 
 
 def versions() -> dict:
@@ -36,12 +36,7 @@ def versions() -> dict:
 
 def cpu_description() -> dict:
     """CPU results depend on the CPU: its model and the threads torch uses are part of the result."""
-    model = platform.processor() or None
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
-    except OSError:
-        pass
+    model = cpuinfo("model name") or platform.processor() or None
     return {"cpu_model": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
