@@ -35,6 +35,7 @@ from rnp_fast.loaders.sources import DataSource
 from rnp_fast.models.swap import batchnorm_layers, check_maskable, swap_batchnorm
 from rnp_fast.outputs import RunDirectory
 from rnp_fast.prune import Channel, make_step, prune_, rank_channels, single_threshold_step
+from rnp_fast.report import check_every_channel_listed, check_mask_value
 from rnp_fast.resolved import ModelFactory, ResolvedRun, resolve_run
 from rnp_fast.runlog import RunLog
 
@@ -217,18 +218,22 @@ def masks_of(channels: list[Channel]) -> dict[str, torch.Tensor]:
 
 
 def channels_of(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[Channel]:
-    """Every channel with its mask value, in ``model``'s module order (which breaks ties in the ranking)."""
+    """Every channel with its mask value, in ``model``'s module order (which breaks ties in the
+    ranking), held to a mask file's rules: every BatchNorm channel once, each value in [0, 1]."""
     sizes = {name: layer.num_features for name, layer in batchnorm_layers(model)}
     unknown = [name for name in masks if name not in sizes]
     if unknown:
         raise UserError(f"masks name layers that are not BatchNorm layers of the model: {', '.join(unknown[:4])}")
-    channels = []
-    for name, size in sizes.items():
-        if name in masks:
-            values = torch.as_tensor(masks[name]).detach().float().reshape(-1).tolist()
-            if len(values) != size:
-                raise UserError(f"masks[{name!r}] has {len(values)} values; the layer has {size} channels")
-            channels.extend(Channel(name, index, value) for index, value in enumerate(values))
+    channels, seen = [], set()
+    for name in (name for name in sizes if name in masks):
+        values = torch.as_tensor(masks[name]).detach().float().reshape(-1).tolist()
+        if len(values) != sizes[name]:
+            raise UserError(f"masks[{name!r}] has {len(values)} values; the layer has {sizes[name]} channels")
+        for index, value in enumerate(values):
+            check_mask_value(value, f"masks[{name!r}][{index}]")
+            channels.append(Channel(name, index, value))
+            seen.add((name, index))
+    check_every_channel_listed(seen, sizes, "masks", holder="masks")
     return channels
 
 

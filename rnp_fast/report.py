@@ -64,9 +64,14 @@ def parse_mask_row(line: str, where: str) -> Channel:
         raise UserError(
             f"{where}: expected 'No Layer Idx Score' (whole numbers, a mask value), got {line.strip()!r}"
         ) from None
-    if not 0.0 <= channel.value <= 1.0:  # also false for NaN
-        raise UserError(f"{where}: mask value {fields[3]} is not a number in [0, 1]")
+    check_mask_value(channel.value, where, fields[3])
     return channel
+
+
+def check_mask_value(value: float, where: str, text: str | None = None) -> None:
+    """A mask value is a finite number in [0, 1], what recovering produces (``text``: as written)."""
+    if not 0.0 <= value <= 1.0:  # also false for NaN
+        raise UserError(f"{where}: mask value {text if text is not None else value} is not a number in [0, 1]")
 
 
 def check_channel_fits(channel: Channel, sizes: dict[str, int], seen: set, where: str) -> None:
@@ -78,13 +83,13 @@ def check_channel_fits(channel: Channel, sizes: dict[str, int], seen: set, where
     seen.add(key)
 
 
-def check_every_channel_listed(seen: set, sizes: dict[str, int], source: str) -> None:
+def check_every_channel_listed(seen: set, sizes: dict[str, int], source: str, holder: str = "a mask file") -> None:
     total = sum(sizes.values())
     if len(seen) != total:
         layer, index = next((name, i) for name, count in sizes.items() for i in range(count) if (name, i) not in seen)
         raise UserError(
             f"{source} lists {len(seen)} of the model's {total} BatchNorm channels (first missing: "
-            f"{layer}[{index}]); a mask file must list every channel once"
+            f"{layer}[{index}]); {holder} must list every channel once"
         )
 
 

@@ -178,6 +178,19 @@ def test_prune_model_by_threshold_or_count_prunes_what_the_schedule_lists(api_ru
         rnp_fast.prune_model(own_model, result.masks)
 
 
+def test_prune_model_holds_masks_to_a_mask_files_rules(api_run, own_model):
+    """As a mask file: every BatchNorm channel once, each value a number in [0, 1]."""
+    masks = api_run[0].masks
+    first = next(iter(masks))
+    with pytest.raises(UserError, match=rf"masks\['{first}'\]\[0\]: mask value nan is not a number in \[0, 1\]"):
+        rnp_fast.prune_model(own_model, {**masks, first: torch.full_like(masks[first], float("nan"))}, threshold=0.5)
+    with pytest.raises(UserError, match="mask value -5.0 is not a number"):
+        rnp_fast.prune_model(own_model, {**masks, first: torch.full_like(masks[first], -5.0)}, threshold=0.5)
+    missing = {layer: values for layer, values in masks.items() if layer != first}
+    with pytest.raises(UserError, match=rf"first missing: {first}\[0\]\); masks must list every channel once"):
+        rnp_fast.prune_model(own_model, missing, threshold=0.5)
+
+
 def short_defense(model, defense, digits, **overrides):
     return rnp_fast.defend(
         model,
