@@ -27,7 +27,7 @@ import torch
 
 from rnp_fast.errors import UserError
 from rnp_fast.evaluation.metrics import UNKNOWN_LABEL
-from rnp_fast.evaluation.test_sets import TestSets
+from rnp_fast.evaluation.test_sets import TestSets, placed_test_sets
 from rnp_fast.loaders.sources import ImageSet
 
 
@@ -140,14 +140,7 @@ def caller_test_sets(test, poisoned, train: ImageSet, mean, std, device: torch.d
         triggered, targets = poisoned_sets(poisoned, channels)
     else:
         triggered, targets = empty_set(channels, train.images.shape), torch.empty(0, dtype=torch.long)
-    return TestSets(
-        clean=ImageSet(clean.images.to(device), clean.labels.to(device)),
-        reference_mask=reference_mask(clean.labels, targets).to(device),
-        poisoned=ImageSet(triggered.images.to(device), triggered.labels.to(device)),
-        poison_targets=targets.to(device),
-        mean=torch.tensor(mean, dtype=torch.float32, device=device),
-        std=torch.tensor(std, dtype=torch.float32, device=device),
-    )
+    return placed_test_sets(clean, reference_mask(clean.labels, targets), triggered, targets, mean, std, device)
 
 
 def reference_mask(clean_labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

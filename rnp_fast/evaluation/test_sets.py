@@ -40,12 +40,19 @@ def build_test_sets(
 ) -> TestSets:
     """Poison the test set once (every kept image gets the trigger) and move it to ``device``."""
     keep, plan = poisoned_test_plan(trigger, test.labels, mode, target, num_classes)
-    poisoned_images = stamp(plan, test.images[keep], torch.nonzero(keep).flatten())
+    poisoned = ImageSet(stamp(plan, test.images[keep], torch.nonzero(keep).flatten()), test.labels[keep])
+    return placed_test_sets(test, keep, poisoned, plan.labels[keep], mean, std, device)
+
+
+def placed_test_sets(
+    clean: ImageSet, reference_mask: torch.Tensor, poisoned: ImageSet, poison_targets: torch.Tensor, mean, std, device
+) -> TestSets:
+    """`TestSets` on ``device``: every tensor moved there once, mean and std as float32 tensors."""
     return TestSets(
-        clean=ImageSet(test.images.to(device), test.labels.to(device)),
-        reference_mask=keep.to(device),
-        poisoned=ImageSet(poisoned_images.to(device), test.labels[keep].to(device)),
-        poison_targets=plan.labels[keep].to(device),
+        clean=ImageSet(clean.images.to(device), clean.labels.to(device)),
+        reference_mask=reference_mask.to(device),
+        poisoned=ImageSet(poisoned.images.to(device), poisoned.labels.to(device)),
+        poison_targets=poison_targets.to(device),
         mean=torch.tensor(mean, dtype=torch.float32, device=device),
         std=torch.tensor(std, dtype=torch.float32, device=device),
     )
