@@ -108,8 +108,9 @@ def resolve_engine(config, device: torch.device, reuse: bool = False) -> EngineS
 
 def epoch_report_precision(flag: str, amp: torch.dtype | None, cuda: bool) -> torch.dtype | None:
     """The engine's precision, except on a CPU with AMX bf16 units under ``--amp auto``: there the
-    per-epoch report runs in bf16, 2.5x faster than fp32 on the demo model (its accuracies agreed
-    on all 1,700 test images; logits moved by up to 0.2), while training, the scoring and the
+    per-epoch report runs in bf16, 2.25x faster than fp32 on the demo defense's test sets
+    (predictions equal on all 1,139 images, logits moved by up to 0.12:
+    benchmarks/results/eval_precision_demo_cpu.json), while training, the scoring and the
     before/after metrics stay fp32, so masks and pruning tables still equal the reference mode's."""
     if cuda or flag != "auto" or not cpu_has_amx_bf16():
         return amp

@@ -82,6 +82,17 @@ def test_a_script_refuses_bad_input_on_one_line():
     assert result.stderr.strip() == "bench_sweep.py: error: --providers takes batched, sequential, reference; got fast"
 
 
+def test_bench_eval_precision_compares_fp32_and_bf16_and_saves_its_json(tmp_path):
+    out = tmp_path / "precision.json"
+    result = script("bench_eval_precision.py", "--repeats", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    assert set(saved["timings"]) == {"fp32", "bf16"} and saved["fp32_over_bf16"] > 0
+    assert saved["agreement"]["images"] == [599, 540]  # the demo defense's clean and poisoned test sets
+    agreement = saved["agreement"]
+    assert all(0 <= equal <= n for equal, n in zip(agreement["predictions_equal"], agreement["images"], strict=True))
+
+
 def test_bench_layout_runs_and_saves_its_json(tmp_path):
     out = tmp_path / "layout.json"
     result = script("bench_layout.py", "--repeats", "1", "--images", "32", "--out", str(out))
