@@ -31,6 +31,7 @@ from rnp_fast.device import describe_device
 from rnp_fast.errors import UserError
 from rnp_fast.evaluation.metrics import Metrics, defense_effectiveness
 from rnp_fast.evaluation.scoring import holdout_accuracies, samples_independent, score_steps
+from rnp_fast.loaders.sources import DataSource
 from rnp_fast.masked_bn import MaskedBatchNorm2d
 from rnp_fast.outputs import RunDirectory, vet_output
 from rnp_fast.provenance import versions
@@ -122,12 +123,13 @@ class Defense:
     timings: dict[str, float]
 
 
-def run_defense(job: DefendJob, reuse: bool = False) -> dict:
+def run_defense(job: DefendJob, reuse: bool = False, source: DataSource | None = None) -> dict:
     """Run RNP end to end; returns the summary (also written to ``summary.json``). ``reuse``: this
-    process will defend again (a sweep, a benchmark), where compiling the steps pays back."""
+    process will defend again (a sweep, a benchmark), where compiling the steps pays back.
+    ``source``: the data instead of ``job.data.dataset`` (a benchmark's reduced test split)."""
     started = time.perf_counter()
     vet_output(job.out, job.reads())  # before any work: never replace what rnp-fast did not make
-    run = resolve_run(job.model, job.data, job.attack, job.engine, reuse=reuse)
+    run = resolve_run(job.model, job.data, job.attack, job.engine, reuse=reuse, source=source)
     inputs = load_inputs(job, run)
     with RunDirectory(job.out, job.reads(), kind="defense run") as out:
         log = RunLog(out.path("output.log"), job.engine.quiet)
