@@ -1,0 +1,108 @@
+"""Target-class diagnostics from clean data only (beyond the paper).
+
+Two things a defender can see without a single triggered image:
+
+- The unlearned model's predicted-class histogram on the clean held-out images. Gradient ascent
+  pushes the backdoored model away from the clean labels, and it falls onto the class the backdoor
+  already maps everything to: on the digits models every held-out image lands on the attack's
+  target. The histogram's largest bin names a suspected target class (a detector for free).
+- Clean accuracy per class at every pruning candidate. Recovering from that collapse also lowers
+  masks on channels the target class itself needs, so a threshold can remove the backdoor and the
+  target class's accuracy together: the per-class columns show which class a threshold hurts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rnp_fast.evaluation.predict import predict
+from rnp_fast.evaluation.scoring import ScoringOptions, prune_set, score_sequentially
+from rnp_fast.loaders.sources import ImageSet
+from rnp_fast.prune import PruneStep
+
+
+@dataclass
+class ClassHistogram:
+    """How many clean images a model assigns to each class, and the class it favours."""
+
+    counts: list[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def top_class(self) -> int:
+        return max(range(len(self.counts)), key=lambda c: self.counts[c])
+
+    @property
+    def top_share(self) -> float:
+        return self.counts[self.top_class] / self.total if self.total else float("nan")
+
+    def describe(self) -> str:
+        return (
+            f"unlearned model's predictions on {self.total} clean held-out images: class {self.top_class} takes "
+            f"{self.top_share:.0%} (suspected backdoor target); histogram {self.counts}"
+        )
+
+    def as_dict(self) -> dict:
+        return {"counts": self.counts, "suspected_target": self.top_class, "suspected_target_share": self.top_share}
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def normalisation(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32, device=device)  # noqa: E731
+    return as_tensor(mean), as_tensor(std)
+
+
+def predicted_class_histogram(
+    model: nn.Module, images: ImageSet, mean, std, num_classes: int, batch_size: int = 512
+) -> ClassHistogram:
+    """Predicted-class counts of ``model`` (eval mode, running statistics) over ``images``."""
+    device = device_of(model)
+    mean_t, std_t = normalisation(mean, std, device)
+    was_training = model.training
+    logits = predict(model, images.images.to(device), mean_t, std_t, batch_size)
+    model.train(was_training)
+    counts = torch.bincount(logits.argmax(1).cpu(), minlength=num_classes)
+    return ClassHistogram(counts.tolist())
+
+
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Accuracy within each true class (NaN for a class with no image)."""
+    correct = (logits.argmax(1) == labels).float()
+    accuracies = []
+    for cls in range(num_classes):
+        members = labels == cls
+        accuracies.append(correct[members].mean().item() if bool(members.any()) else float("nan"))
+    return accuracies
+
+
+def step_logits(
+    model: nn.Module, steps: list[PruneStep], images: ImageSet, mean, std, options: ScoringOptions
+) -> list[torch.Tensor]:
+    """Logits on ``images`` of the unpruned ``model``, then of every step (``model`` left unchanged)."""
+    device = device_of(model)
+    data = images.images.to(device)
+    mean_t, std_t = normalisation(mean, std, device)
+    if options.batched:
+        candidates = [frozenset()] + [prune_set(step) for step in steps]
+        return [per_set[0] for per_set in options.batched_scoring([data], mean_t, std_t).score(model, candidates)]
+    forward = lambda m: predict(m, data, mean_t, std_t, options.batch_size, options.channels_last, options.amp)  # noqa: E731
+    return [forward(model), *score_sequentially(model, steps, forward)]
+
+
+def per_class_step_accuracies(
+    model: nn.Module, steps: list[PruneStep], images: ImageSet, mean, std, num_classes: int, options: ScoringOptions
+) -> tuple[list[float], list[list[float]]]:
+    """Per-class clean accuracy of the unpruned ``model`` and of every step, on ``images``."""
+    labels = images.labels.to(device_of(model))
+    logits = step_logits(model, steps, images, mean, std, options)
+    per_class = [per_class_accuracy(one, labels, num_classes) for one in logits]
+    return per_class[0], per_class[1:]

@@ -1,0 +1,69 @@
+"""Target-class diagnostics: the predicted-class histogram and per-class accuracy per candidate."""
+
+import torch
+from torch import nn
+
+from rnp_fast.diagnostics import (
+    ClassHistogram,
+    per_class_accuracy,
+    per_class_step_accuracies,
+    predicted_class_histogram,
+)
+from rnp_fast.evaluation.scoring import ScoringOptions
+from rnp_fast.loaders.sources import ImageSet
+from rnp_fast.models import build_model
+from rnp_fast.prune import Channel, PruneStep
+
+
+class Constant(nn.Module):
+    """Predicts class ``target`` for every image (an unlearned model collapsed onto its target)."""
+
+    def __init__(self, target: int, classes: int = 10):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(classes))
+        with torch.no_grad():
+            self.bias[target] = 5.0
+
+    def forward(self, x):
+        return self.bias.expand(len(x), -1)
+
+
+def images(count: int, classes: int = 10) -> ImageSet:
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (count, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    return ImageSet(pixels, torch.arange(count) % classes)
+
+
+def test_a_collapsed_model_names_its_class():
+    histogram = predicted_class_histogram(Constant(7), images(30), (0.5,) * 3, (0.25,) * 3, 10)
+    assert histogram.counts == [0] * 7 + [30] + [0] * 2
+    assert histogram.top_class == 7 and histogram.top_share == 1.0
+    assert "class 7 takes 100%" in histogram.describe()
+    assert histogram.as_dict()["suspected_target"] == 7
+
+
+def test_histogram_ties_go_to_the_lowest_class():
+    assert ClassHistogram([3, 5, 5]).top_class == 1
+
+
+def test_per_class_accuracy_counts_within_each_true_class():
+    logits = torch.eye(3)[[0, 0, 1, 2, 2]]  # predictions 0 0 1 2 2
+    labels = torch.tensor([0, 1, 1, 2, 0])
+    accuracies = per_class_accuracy(logits, labels, 4)
+    assert accuracies[:3] == [0.5, 0.5, 1.0]
+    assert accuracies[3] != accuracies[3]  # NaN: no image of class 3
+
+
+def test_per_class_accuracies_per_step_agree_batched_and_sequential():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 0.125).eval()
+    data = images(20)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    steps = [PruneStep(0.1, 0, []), PruneStep(0.5, 8, [Channel(names[-1], i, 0.0) for i in range(8)])]
+    stats = ((0.5,) * 3, (0.25,) * 3)
+    batched = per_class_step_accuracies(model, steps, data, *stats, 10, ScoringOptions(scoring="batched"))
+    sequential = per_class_step_accuracies(model, steps, data, *stats, 10, ScoringOptions(scoring="sequential"))
+    assert batched == sequential
+    base, per_step = batched
+    assert per_step[0] == base  # nothing pruned: the unpruned model's figures
+    assert len(per_step) == 2 and all(len(row) == 10 for row in per_step)
