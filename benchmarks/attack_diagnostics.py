@@ -18,9 +18,9 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import _harness
 import torch
 
+from rnp_fast import harness
 from rnp_fast import train as training
 from rnp_fast.evaluation.predict import predict
 from rnp_fast.resolved import resolve_run
@@ -113,9 +113,9 @@ def one_line(text: str, entry: dict) -> str:
 
 
 def main() -> None:
-    parser = _harness.parser(__doc__, device="cpu")
+    parser = harness.parser(__doc__, device="cpu")
     parser.add_argument("--variant", action="append", help="ATTACK[:KEY=VALUE,...] (repeatable; default: a set)")
-    parser.add_argument("--epochs", type=_harness.positive, help="training epochs (default: the table's, 20)")
+    parser.add_argument("--epochs", type=harness.positive, help="training epochs (default: the table's, 20)")
     parser.add_argument("--width", type=float, help="model width (default: the table's, 0.25)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -128,8 +128,8 @@ def main() -> None:
         print(one_line(text, results[-1]), flush=True)
     setup = {"dataset": job.data.dataset, "arch": job.model.arch, "width": job.model.width}
     setup.update(epochs=job.train.epochs, seed=args.seed)
-    _harness.write_result({"setup": setup, "variants": results}, args.out, run.device)
+    harness.write_result({"setup": setup, "variants": results}, args.out, run.device)
 
 
 if __name__ == "__main__":
-    _harness.run(main)
+    harness.run(main)

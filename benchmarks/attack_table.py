@@ -12,8 +12,7 @@ clean accuracy within 0.03 of the baseline. Prints the Markdown rows; writes the
 
 from __future__ import annotations
 
-import _harness
-
+from rnp_fast import harness
 from rnp_fast.attacks import CLEAN_LABEL_ATTACKS
 from rnp_fast.errors import UserError
 from rnp_fast.sweep.store import open_existing
@@ -82,7 +81,7 @@ def markdown(entries: list[dict], baseline: float) -> str:
 
 
 def main() -> None:
-    parser = _harness.parser(__doc__)
+    parser = harness.parser(__doc__)
     parser.add_argument("attacks", help="store of the attack sweep (digits_attacks.yaml)")
     parser.add_argument("baseline", help="store of the clean-baseline sweep (digits_clean_baseline.yaml)")
     args = parser.parse_args()
@@ -97,8 +96,8 @@ def main() -> None:
         "attacks": entries,
         "all_targets_met": all(e["meets_asr_target"] and e["meets_clean_target"] for e in entries),
     }
-    _harness.write_result(result, args.out)  # the table is computed on the CPU, from the stores
+    harness.write_result(result, args.out)  # the table is computed on the CPU, from the stores
 
 
 if __name__ == "__main__":
-    _harness.run(main)
+    harness.run(main)

@@ -18,10 +18,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import _harness
 import torch
 
 import rnp_fast
+from rnp_fast import harness
 from rnp_fast.attacks import build_trigger
 from rnp_fast.checkpoint import load_model_weights
 from rnp_fast.config import EngineConfig
@@ -78,22 +78,22 @@ def alternating(paths: dict, job: DefendJob, rounds: int, device: torch.device) 
         for number in range(rounds):
             for name, path in paths.items():
                 out = Path(folder) / f"{name}-{number}"
-                samples[name].append(_harness.seconds(lambda path=path, out=out: path(job, out), device))
+                samples[name].append(harness.seconds(lambda path=path, out=out: path(job, out), device))
                 print(f"round {number}: {name} {samples[name][-1]:.2f} s", file=sys.stderr)
     return samples
 
 
 def main() -> None:
-    parser = _harness.parser(__doc__, device="auto", repeats=5)
+    parser = harness.parser(__doc__, device="auto", repeats=5)
     parser.add_argument("--unlearning-epochs", type=int, default=0, help="default: the demo's")
     parser.add_argument("--recovering-epochs", type=int, default=0, help="default: the demo's")
     args = parser.parse_args()
     job = benchmark_job(args)
     device = resolve_device(args.device)
     samples = alternating({"cli": cli_path, "api": api_path}, job, 1 + args.repeats, device)
-    timings = {name: _harness.timing(runs, warmup=1) for name, runs in samples.items()}
+    timings = {name: harness.timing(runs, warmup=1) for name, runs in samples.items()}
     medians = {name: timing["median_s"] for name, timing in timings.items()}
-    ratio = _harness.ratios(medians, "cli")["api_over_cli"]
+    ratio = harness.ratios(medians, "cli")["api_over_cli"]
     report = {
         "benchmark": "Python API vs CLI: the demo defense end to end (load, defend, save)",
         "config": vars(args),
@@ -101,8 +101,8 @@ def main() -> None:
         "api_over_cli": ratio,
         "api_within_5_percent": ratio <= BOUND,
     }
-    _harness.write_result(report, args.out, device, echo=True)
+    harness.write_result(report, args.out, device, echo=True)
 
 
 if __name__ == "__main__":
-    _harness.run(main)
+    harness.run(main)

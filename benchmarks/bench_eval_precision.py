@@ -11,9 +11,9 @@ largest logit difference. JSON with the device, CPU, versions, date and command:
 
 from __future__ import annotations
 
-import _harness
 import torch
 
+from rnp_fast import harness
 from rnp_fast.demo import demo_checkpoint
 from rnp_fast.engine import cpu_has_amx_bf16
 from rnp_fast.evaluation.predict import model_outputs
@@ -22,12 +22,12 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def main() -> None:
-    args = _harness.parser(__doc__, repeats=5).parse_args()
-    _, run = _harness.demo_run(device="cpu", amp="off")  # fp32 everywhere: both precisions set here
+    args = harness.parser(__doc__, repeats=5).parse_args()
+    _, run = harness.demo_run(device="cpu", amp="off")  # fp32 everywhere: both precisions set here
     model = run.load_model(str(demo_checkpoint())).eval()
     tests, rows, layout = run.tests, run.eval_batch, run.engine.eval_channels_last
     passes = {name: lambda amp=amp: model_outputs(model, tests, rows, layout, amp) for name, amp in PRECISIONS.items()}
-    timings = {name: _harness.measure(one_pass, args.repeats) for name, one_pass in passes.items()}
+    timings = {name: harness.measure(one_pass, args.repeats) for name, one_pass in passes.items()}
     outputs = {name: one_pass() for name, one_pass in passes.items()}
     medians = {name: timing["median_s"] for name, timing in timings.items()}
     result = {
@@ -35,10 +35,10 @@ def main() -> None:
         "cpu_has_amx_bf16": cpu_has_amx_bf16(),
         "images": len(tests.clean.images) + len(tests.poisoned.images),
         "timings": timings,
-        **_harness.ratios(medians, "bf16"),
+        **harness.ratios(medians, "bf16"),
         "agreement": agreement(outputs["fp32"], outputs["bf16"]),
     }
-    _harness.write_result(result, args.out, run.device, echo=True)
+    harness.write_result(result, args.out, run.device, echo=True)
 
 
 def agreement(fp32, bf16) -> dict:
@@ -51,4 +51,4 @@ def agreement(fp32, bf16) -> dict:
 
 
 if __name__ == "__main__":
-    _harness.run(main)
+    harness.run(main)

@@ -10,9 +10,10 @@ and command:
 
 from __future__ import annotations
 
-import _harness
 import torch
 import torch.nn.functional as F
+
+from rnp_fast import harness
 
 BATCHES = (32, 64, 128, 256, 512)
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -27,7 +28,7 @@ def eval_ms_per_image(model: torch.nn.Module, images: torch.Tensor, layout, repe
     with torch.no_grad():
         for size in BATCHES:
             batches = [x.contiguous(memory_format=layout) for x in images.split(size)]
-            seconds = _harness.median_seconds(lambda xs=batches: [model(x) for x in xs], repeats)
+            seconds = harness.median_seconds(lambda xs=batches: [model(x) for x in xs], repeats)
             per_batch[size] = 1e3 * seconds / len(images)
     return per_batch
 
@@ -36,22 +37,22 @@ def train_step_ms(model: torch.nn.Module, images: torch.Tensor, layout, repeats:
     model.train()
     x = images[:TRAIN_BATCH].contiguous(memory_format=layout)
     labels = torch.randint(0, 10, (len(x),))
-    return 1e3 * _harness.median_seconds(lambda: F.cross_entropy(model(x), labels).backward(), repeats * TRAIN_REPEATS)
+    return 1e3 * harness.median_seconds(lambda: F.cross_entropy(model(x), labels).backward(), repeats * TRAIN_REPEATS)
 
 
 def main() -> None:
-    parser = _harness.parser(__doc__, repeats=3)
-    parser.add_argument("--images", type=_harness.positive, default=1024, help="random images per pass")
+    parser = harness.parser(__doc__, repeats=3)
+    parser.add_argument("--images", type=harness.positive, default=1024, help="random images per pass")
     args = parser.parse_args()
-    _, run = _harness.demo_run(device="cpu")
+    _, run = harness.demo_run(device="cpu")
     images = torch.randn(args.images, *run.source.image_shape)
     result = {"benchmark": "CPU layout and evaluation batch (demo model)"}
     for name, layout in LAYOUTS.items():
         model = run.new_model().to(memory_format=layout)  # speed does not depend on the weights
         result[f"eval_ms_per_image_{name}"] = eval_ms_per_image(model, images, layout, args.repeats)
         result[f"train_step_ms_{name}"] = train_step_ms(model, images, layout, args.repeats)
-    _harness.write_result(result, args.out, run.device, echo=True)
+    harness.write_result(result, args.out, run.device, echo=True)
 
 
 if __name__ == "__main__":
-    _harness.run(main)
+    harness.run(main)

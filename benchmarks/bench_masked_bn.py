@@ -34,27 +34,24 @@ import functools
 import itertools
 from pathlib import Path
 
-import _harness
 import torch
 
+from rnp_fast import harness
 from rnp_fast.config import RNPConfig
 from rnp_fast.device import describe_device, resolve_device
 from rnp_fast.engine import (
     AMP_DTYPES,
     EngineSettings,
-    apply_engine,
     configure_backends,
     raise_recompile_limit,
-    sgd,
     use_persistent_cache,
 )
 from rnp_fast.errors import UserError
 from rnp_fast.kernels import auto_table, masked_batch_norm_reference, triton_available
-from rnp_fast.masked_bn import MaskedBatchNorm2d, mask_clamp, masked_batchnorm_layers
+from rnp_fast.learning import build_stage, recover_recipe
+from rnp_fast.masked_bn import MaskedBatchNorm2d, masked_batchnorm_layers
 from rnp_fast.models import ARCHITECTURES, build_model
 from rnp_fast.provenance import provenance
-from rnp_fast.recover import prepare_masked_model
-from rnp_fast.steps import make_step, recover_recipe
 
 KERNELS = {"torch": "torch", "fused": "triton"}  # the table's name -> choose_bn_kernels' kernel
 PROVIDERS = ("eager", "compiled", "fused")
@@ -74,13 +71,9 @@ def recover_step(args, device: torch.device, engine: EngineSettings, images: tor
     weights (the same for both kernels; their values do not change the step's work)."""
     torch.manual_seed(0)
     unlearned = build_model(args.arch, args.num_classes, args.width).to(device)
-    masked = build_model(args.arch, args.num_classes, args.width, MaskedBatchNorm2d).to(device).train()
-    masks = prepare_masked_model(masked, unlearned)  # only the masks train
-    apply_engine(masked, engine, images)
-    rnp = RNPConfig()
-    optimizer = sgd(masks, device, lr=rnp.recovering_lr, momentum=rnp.momentum)
-    step = make_step(masked, optimizer, recover_recipe(rnp.alpha), engine, len(images), mask_clamp(masks, engine))
-    return masked, step
+    masked = build_model(args.arch, args.num_classes, args.width, MaskedBatchNorm2d).to(device)
+    stage = build_stage(recover_recipe(RNPConfig()), masked, engine, len(images), images, weights=unlearned)
+    return masked, stage.step
 
 
 def measure_case(args, device: torch.device, batch: int, amp: str) -> tuple[dict, dict]:
@@ -100,16 +93,16 @@ def measure_case(args, device: torch.device, batch: int, amp: str) -> tuple[dict
     case = {"key": key, "arch": args.arch, "width": args.width, "shape": list(shape), "amp": amp, **settings}
     case.update({f"{name}_ms": ms for name, ms in medians.items()})
     case.update({f"{name}_warmup_s": timing["warmup_s"] for name, timing in timings.items()})
-    return {**case, **_harness.ratios(medians, "torch"), "repeats": args.repeats, "warmup": args.warmup}, timings
+    return {**case, **harness.ratios(medians, "torch"), "repeats": args.repeats, "warmup": args.warmup}, timings
 
 
 def time_in_turn(steps: dict, images, labels, device: torch.device, repeats: int, warmup: int) -> dict:
-    """Each step once per round, ``warmup`` rounds then ``repeats`` timed ones (see `_harness.timing`)."""
+    """Each step once per round, ``warmup`` rounds then ``repeats`` timed ones (see `harness.timing`)."""
     samples = {name: [] for name in steps}
     for _ in range(warmup + repeats):
         for name, step in steps.items():
-            samples[name].append(_harness.seconds(functools.partial(step, images, labels), device))
-    return {name: _harness.timing(seconds, warmup) for name, seconds in samples.items()}
+            samples[name].append(harness.seconds(functools.partial(step, images, labels), device))
+    return {name: harness.timing(seconds, warmup) for name, seconds in samples.items()}
 
 
 def write_auto_table(args, device: torch.device) -> list[dict]:
@@ -201,12 +194,12 @@ def micro_benchmark(args, device: torch.device) -> list[dict]:
             rows.append({**case, **row})
             medians[provider] = row["median_ms"]
             print(f"{'x'.join(map(str, shape))} {dtype} {pass_:7s} {provider:8s} {row['median_ms']:.4f} ms")
-        rows.append({**case, **_harness.ratios(medians, "eager")})
+        rows.append({**case, **harness.ratios(medians, "eager")})
     return rows
 
 
 def micro_case(args, device: torch.device, inputs: dict[str, torch.Tensor], pass_: str, provider: str) -> dict:
-    timing = _harness.measure(pass_fn(provider, pass_, inputs), args.repeats, device, args.warmup)
+    timing = harness.measure(pass_fn(provider, pass_, inputs), args.repeats, device, args.warmup)
     moved = TENSORS_MOVED[pass_] * inputs["x"].numel() * inputs["x"].element_size()
     gbps = moved / timing["median_s"] / 1e9
     return {"provider": provider, **timing, "median_ms": timing["median_s"] * 1e3, "gb_per_s": gbps}
@@ -218,13 +211,13 @@ def micro_case(args, device: torch.device, inputs: dict[str, torch.Tensor], pass
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _harness.parser(__doc__, device="cuda", repeats=50)
-    p.add_argument("--warmup", type=_harness.positive, default=3, help="untimed rounds first (compilation)")
+    p = harness.parser(__doc__, device="cuda", repeats=50)
+    p.add_argument("--warmup", type=harness.positive, default=3, help="untimed rounds first (compilation)")
     p.add_argument("--arch", default="resnet18", choices=list(ARCHITECTURES))
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier of the model")
     p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--batch", type=_harness.positive, nargs="+", default=[128], help="batch sizes (images)")
-    p.add_argument("--image-size", type=_harness.positive, default=32, help="image height = width (pixels)")
+    p.add_argument("--batch", type=harness.positive, nargs="+", default=[128], help="batch sizes (images)")
+    p.add_argument("--image-size", type=harness.positive, default=32, help="image height = width (pixels)")
     p.add_argument("--amp", nargs="+", choices=["bf16", "off"], help="recover step precision (default: the device's)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the recover steps")
@@ -274,8 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         result["micro"] = micro_benchmark(args, device)
     if args.write_auto_table:
         result["recover_steps"] = write_auto_table(args, device)
-    _harness.write_result(result, args.out, device)
+    harness.write_result(result, args.out, device)
 
 
 if __name__ == "__main__":
-    _harness.run(main)
+    harness.run(main)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
-import _harness
-from bench_sweep import PROVIDERS, random_masks, scorer, threshold_steps
+from bench_scoring import PROVIDERS, random_masks, scorer, threshold_steps
 
+from rnp_fast import harness
 from rnp_fast.data import defense_data
 from rnp_fast.masked_bn import MaskedBatchNorm2d
 from rnp_fast.recover import recover
@@ -36,13 +36,13 @@ class Demo:
 
     def __init__(self, device: str):
         self.device = device  # as asked (auto, cpu, cuda): every variant resolves it the same way
-        job, self.run = _harness.demo_run(device=device)
+        job, self.run = harness.demo_run(device=device)
         self.model = self.run.load_model(job.model_path)
         self.images = defense_data(self.run.source, job.data).train
 
     def variant(self, **engine):
         """The demo's job and run with these EngineConfig fields."""
-        return _harness.demo_run(device=self.device, **engine)
+        return harness.demo_run(device=self.device, **engine)
 
 
 def unlearn_epochs(demo: Demo, repeats: int) -> dict:
@@ -70,7 +70,7 @@ def recover_epochs(demo: Demo, repeats: int) -> dict:
 
 def epoch_timing(seconds: list[float]) -> dict:
     # A diverged unlearning epoch ends the stage early: time what ran, the warm-up apart if more did.
-    return _harness.timing(seconds, WARMUP_EPOCHS if len(seconds) > WARMUP_EPOCHS else 0)
+    return harness.timing(seconds, WARMUP_EPOCHS if len(seconds) > WARMUP_EPOCHS else 0)
 
 
 def evaluations(demo: Demo, repeats: int) -> dict:
@@ -78,7 +78,7 @@ def evaluations(demo: Demo, repeats: int) -> dict:
     timings = {}
     for mode in ("fast", "reference"):
         evaluator = demo.variant(mode=mode)[1].evaluator()
-        timings[mode] = _harness.measure(lambda e=evaluator: e(demo.model), repeats, demo.run.device)
+        timings[mode] = harness.measure(lambda e=evaluator: e(demo.model), repeats, demo.run.device)
     return timings
 
 
@@ -86,7 +86,7 @@ def scorings(demo: Demo, repeats: int) -> dict:
     """Per provider: every threshold of the default schedule scored, on seeded random masks."""
     steps = threshold_steps(random_masks(demo.model))
     score = {p: scorer(demo.model, steps, demo.run, p) for p in PROVIDERS}
-    return {p: _harness.measure(score[p], repeats, demo.run.device) for p in PROVIDERS}
+    return {p: harness.measure(score[p], repeats, demo.run.device) for p in PROVIDERS}
 
 
 # phase: (its timings by variant, the variant the ratios are over)
@@ -99,7 +99,7 @@ PHASES = {
 
 
 def main() -> None:
-    parser = _harness.parser(__doc__, device="auto", repeats=3)
+    parser = harness.parser(__doc__, device="auto", repeats=3)
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma separated, of: {', '.join(PHASES)}")
     args = parser.parse_args()
     phases = [p for p in args.phases.split(",") if p]
@@ -116,10 +116,10 @@ def main() -> None:
         "workload": "demo",
         "repeats": args.repeats,
         "phases": timed,
-        "ratios": {phase: _harness.ratios(medians[phase], PHASES[phase][1]) for phase in timed},
+        "ratios": {phase: harness.ratios(medians[phase], PHASES[phase][1]) for phase in timed},
     }
-    _harness.write_result(result, args.out, demo.run.device, echo=True)
+    harness.write_result(result, args.out, demo.run.device, echo=True)
 
 
 if __name__ == "__main__":
-    _harness.run(main)
+    harness.run(main)

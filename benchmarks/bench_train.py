@@ -16,12 +16,12 @@ from __future__ import annotations
 import statistics
 import sys
 
-import _harness
 import torch
 
+from rnp_fast import harness
 from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, TrainConfig
 from rnp_fast.engine import EAGER, EngineSettings
-from rnp_fast.loaders.synthetic import synthetic_cifar10_source
+from rnp_fast.loaders.synthetic_cifar10 import synthetic_cifar10_source
 from rnp_fast.resolved import ResolvedRun, resolve_run
 from rnp_fast.train import fit, poisoning_plan
 
@@ -57,11 +57,11 @@ def throughput(times: list[float], images: int) -> dict:
 
 
 def main() -> None:
-    parser = _harness.parser(__doc__, device="auto")
+    parser = harness.parser(__doc__, device="auto")
     parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--images", type=_harness.positive, default=50_000)
-    parser.add_argument("--epochs", type=_harness.positive, default=5)
-    parser.add_argument("--batch-size", type=_harness.positive, default=512)
+    parser.add_argument("--images", type=harness.positive, default=50_000)
+    parser.add_argument("--epochs", type=harness.positive, default=5)
+    parser.add_argument("--batch-size", type=harness.positive, default=512)
     args = parser.parse_args()
     run = training_run(args)
     results = {}
@@ -75,8 +75,8 @@ def main() -> None:
         "results": results,
         "fast_over_eager": results["fast"]["images_per_second"] / results["eager"]["images_per_second"],
     }
-    _harness.write_result(report, args.out, run.device, echo=True)
+    harness.write_result(report, args.out, run.device, echo=True)
 
 
 if __name__ == "__main__":
-    _harness.run(main)
+    harness.run(main)

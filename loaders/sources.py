@@ -69,7 +69,7 @@ def load_source(
     if name == "cifar10":
         return cifar10_source(data_dir, download)
     if name == "synthetic-cifar10":
-        from rnp_fast.loaders.synthetic import synthetic_cifar10_source
+        from rnp_fast.loaders.synthetic_cifar10 import synthetic_cifar10_source
 
         return synthetic_cifar10_source()
     if name == "cifar100":

@@ -1,4 +1,4 @@
-"""`rnp-fast bench`: the harness's result, table and JSON (timings themselves are not asserted)."""
+"""`rnp-fast bench` and the harness's defense workloads: result, table, JSON (timings are not asserted)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from rnp_fast.bench import PHASES, format_table, phase_seconds, run_bench, save_result, speedups
+from rnp_fast.bench import format_table, run_bench, save_result
 from rnp_fast.cli import main
 from rnp_fast.config import BenchConfig
 from rnp_fast.errors import UserError
+from rnp_fast.harness.workloads import PHASES, phase_seconds, speedups
 
 
 def fake_medians(reference: float, fast: float) -> dict:

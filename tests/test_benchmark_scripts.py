@@ -1,4 +1,4 @@
-"""The benchmark harness (benchmarks/_harness.py) and one benchmark script, run the way users run it."""
+"""The benchmark harness (rnp_fast.harness) and the benchmark scripts, run the way users run them."""
 
 import importlib
 import json
@@ -18,10 +18,9 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture
-def harness(monkeypatch):
-    """benchmarks/_harness.py as the scripts import it (their folder on sys.path, for this test only)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module("_harness")
+def harness():
+    """The harness as the scripts import it (``from rnp_fast import harness``)."""
+    return importlib.import_module("rnp_fast.harness")
 
 
 def script(name: str, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
@@ -77,9 +76,10 @@ def test_run_reports_a_user_error_on_one_line_with_exit_code_2(harness, capsys):
 
 
 def test_a_script_refuses_bad_input_on_one_line():
-    result = script("bench_sweep.py", "--providers", "batched,fast")
+    result = script("bench_scoring.py", "--providers", "batched,fast")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "bench_sweep.py: error: --providers takes batched, sequential, reference; got fast"
+    expected = "bench_scoring.py: error: --providers takes batched, sequential, reference; got fast"
+    assert result.stderr.strip() == expected
 
 
 def test_bench_eval_precision_compares_fp32_and_bf16_and_saves_its_json(tmp_path):
@@ -115,3 +115,30 @@ def test_bench_api_times_both_paths_and_saves_its_json(tmp_path):
     for path in ("cli", "api"):
         assert saved["results"][path]["warmup_runs"] == 1 and len(saved["results"][path]["runs_s"]) == 1
     assert saved["api_over_cli"] > 0 and isinstance(saved["api_within_5_percent"], bool)
+
+
+def test_run_capped_kills_the_whole_process_group_at_the_cap(tmp_path):
+    from rnp_fast.harness.budget import run_capped
+
+    pid_file = tmp_path / "grandchild.pid"
+    command = ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]  # a child that started another
+    outcome = run_capped(command, cap_s=2, poll_s=0.5)
+    assert outcome.timed_out and 2 <= outcome.seconds < 10
+    grandchild = Path(f"/proc/{pid_file.read_text().strip()}/stat")
+    assert not grandchild.exists() or grandchild.read_text().split(") ")[1].startswith("Z")  # gone, or a zombie
+    finished = run_capped([sys.executable, "-c", "raise SystemExit(3)"], cap_s=60)
+    assert finished.returncode == 3 and not finished.timed_out
+
+
+def test_the_budget_clock_starts_with_the_process_or_the_wrapper(monkeypatch):
+    code = "import time; time.sleep(1); from rnp_fast.harness import budget; print(time.time() - budget.clock_start())"
+    env = {key: value for key, value in ONE_THREAD.items() if key != "RNP_PROBE_T0"}
+    spent = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout)
+    assert 1 <= spent < 60  # the second slept before the import counts
+    from rnp_fast.harness.budget import clock_start
+
+    monkeypatch.setenv("RNP_PROBE_T0", "1000.5")
+    assert clock_start() == 1000.5
+    monkeypatch.setenv("RNP_PROBE_T0", "yesterday")
+    with pytest.raises(UserError, match="RNP_PROBE_T0"):
+        clock_start()

@@ -1,4 +1,4 @@
-"""Pruning-sweep benchmark: batched (all candidates per pass) against sequential and reference mode.
+"""Scoring benchmark: every pruning candidate scored batched (all per pass), sequentially, and as the reference does.
 
 Workloads:
 - demo: the bundled digits model, its full test sets (599 clean + the poisoned non-target ones);
@@ -11,10 +11,10 @@ Every provider scores the same steps on the same device; each is run once untime
 compilation where there is any), then ``--repeats`` times; medians and ratios go to JSON with the
 device, versions, date and command:
 
-    python benchmarks/bench_sweep.py --workload demo --device cpu --mask-file RUN/mask_values.txt \\
-        --batch-size 64 --channels-last --out benchmarks/results/sweep_demo_cpu.json
-    python benchmarks/bench_sweep.py --workload cifar --device cuda --amp bf16 --channels-last \\
-        --out benchmarks/results/sweep_cifar_h100.json
+    python benchmarks/bench_scoring.py --workload demo --device cpu --mask-file RUN/mask_values.txt \\
+        --batch-size 64 --channels-last --out benchmarks/results/scoring_demo_cpu.json
+    python benchmarks/bench_scoring.py --workload cifar --device cuda --amp bf16 --channels-last \\
+        --out benchmarks/results/scoring_cifar_h100.json
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
-import _harness
 import torch
 from torch import nn
 
+from rnp_fast import harness
 from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
 from rnp_fast.errors import UserError
 from rnp_fast.evaluation.scoring import ScoringOptions, score_steps
 from rnp_fast.loaders.sources import ImageSet
-from rnp_fast.loaders.synthetic import synthetic_cifar10_source
+from rnp_fast.loaders.synthetic_cifar10 import synthetic_cifar10_source
 from rnp_fast.prune import Channel, PruneStep, rank_channels, threshold_schedule
 from rnp_fast.report import read_mask_file
 from rnp_fast.resolved import ResolvedRun, resolve_run
@@ -43,7 +43,7 @@ def workload(name: str, **engine) -> tuple[ResolvedRun, nn.Module]:
     """The run (device, test sets, engine: ``engine`` are EngineConfig fields) and the model whose
     pruning candidates are scored, in eval mode."""
     if name == "demo":
-        job, run = _harness.demo_run(**engine)
+        job, run = harness.demo_run(**engine)
         return run, run.load_model(job.model_path).eval()
     source = synthetic_cifar10_source(train_images=1)
     labels = torch.arange(len(source.test)) % 10  # exactly 9,000 non-target images for target 0
@@ -92,15 +92,15 @@ def time_providers(model, steps: list[PruneStep], run: ResolvedRun, args) -> tup
         def once(provider=provider, score=score):
             metrics[provider] = score()
 
-        results[provider] = _harness.measure(once, args.repeats, run.device)
+        results[provider] = harness.measure(once, args.repeats, run.device)
     return results, metrics
 
 
 def main() -> None:
-    parser = _harness.parser(__doc__, device="auto", repeats=3)
+    parser = harness.parser(__doc__, device="auto", repeats=3)
     parser.add_argument("--workload", choices=("demo", "cifar"), default="demo")
     parser.add_argument("--mask-file", help="mask_values.txt to rank (default: seeded random masks)")
-    parser.add_argument("--batch-size", type=_harness.positive, default=512)
+    parser.add_argument("--batch-size", type=harness.positive, default=512)
     parser.add_argument("--amp", choices=("bf16", "off"), default="off")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
@@ -112,20 +112,20 @@ def main() -> None:
     steps = threshold_steps(read_mask_file(args.mask_file) if args.mask_file else random_masks(model))
     results, metrics = time_providers(model, steps, run, args)
     report = {
-        "benchmark": "pruning sweep",
+        "benchmark": "scoring the pruning candidates",
         "workload": args.workload,
         "masks": args.mask_file or "seeded random values (seed 0)",
         "steps": len(steps),
         "distinct_prune_sets": len({s.count for s in steps}),
         "images": {"clean": len(run.tests.clean.labels), "poisoned": len(run.tests.poisoned.labels)},
         "results": results,
-        "ratios": _harness.ratios({p: r["median_s"] for p, r in results.items()}, "batched"),
+        "ratios": harness.ratios({p: r["median_s"] for p, r in results.items()}, "batched"),
         "batched_equals_sequential": metrics["batched"] == metrics["sequential"]
         if {"batched", "sequential"} <= metrics.keys()
         else None,
     }
-    _harness.write_result(report, args.out, run.device, echo=True)
+    harness.write_result(report, args.out, run.device, echo=True)
 
 
 if __name__ == "__main__":
-    _harness.run(main)
+    harness.run(main)
