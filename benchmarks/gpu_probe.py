@@ -1,30 +1,40 @@
-"""The GPU probe: every GPU measurement the project needs, in one process that fits the device window.
+"""The GPU probe: every GPU measurement the project needs, in one process tree that fits the device window.
 
-Sections, in order of value (``--sections`` picks some):
+Sections, in the order they run (``--sections`` picks some). The first five are the ones the first
+8 minutes of a window must always return; later sections never take their time:
 
 1. env: torch / CUDA / Triton / cuDNN versions, the device, its SMs and memory, a bf16 matrix rate.
-2. graphs: Dynamo graph and graph-break counts of every compiled step (unlearn, recover, train),
-   each BatchNorm kernel, fp32 and bf16, NCHW and channels_last: one graph each, as on the CPU.
+2. graphs: Dynamo graph and graph-break counts of the compiled steps (unlearn, recover, train):
+   one graph each, as on the CPU. The GPU counts the cases where CUDA differs from the CPU test
+   (the fused Triton BatchNorm in every precision and layout) and one bf16 channels_last case per stage.
 3. kernel: the masked BatchNorm operator's CUDA and Triton tests and the CUDA-graph step test
    (pytest, in a subprocess).
 4. steps: per-step median ms, first-call seconds and peak memory at batch 128 for unlearn and
-   recover, eager / CUDA graph / compiled / fused operator / compiled + CUDA graphs; writes the
-   ``--bn-kernel auto`` table from the compiled recover steps with and without the operator.
-5. e2e: the default defense on the CIFAR-shaped workload (`rnp_fast.bench`), per-epoch
-   evaluation off and on, cold and warm, phase timings, TFLOP/s and fraction of bf16 peak.
+   recover, eager / CUDA graph / compiled / fused operator / compiled + CUDA graphs (cheapest
+   first, each variant a unit of work); writes the ``--bn-kernel auto`` table from the compiled
+   recover steps with and without the operator.
+5. e2e: the default defense on the CIFAR-shaped workload (`rnp_fast.harness.workloads`), per-epoch
+   evaluation off (the first figure), then on; cold and warm, phases, TFLOP/s, fraction of bf16 peak.
 6. reference: the reference mode and the fast mode on identical reduced work: per-phase ratios.
-7. sweep: batched vs sequential scoring of 19 thresholds over 9,000 + 9,000 images with the
+7. scoring: batched vs sequential scoring of 19 thresholds over 9,000 + 9,000 images with the
    reference's published masks, bf16 channels_last, same metrics checked.
 8. throughput: defenses per hour, several in one process (compiled steps reused).
-9. science: a full-width ResNet-18 trained with BadNets on the digits set, defended with 5 seeds.
+9. science: a full-width ResNet-18 trained with BadNets on the digits set, defended with 5 seeds,
+   and the fast-vs-reference fidelity check (benchmarks/bench_fidelity.py).
 
-One JSON file (``--out``) is written atomically after every section (and at checkpoints inside
-the long ones), so a run cut short keeps what it finished. A section's error (type, message, the
-traceback's tail) is recorded and the next section runs; a section whose estimate exceeds what is
-left of ``--budget-s`` is skipped, and a running one is interrupted when the budget runs out.
-Inductor and Triton compile into fresh private cache folders, so the first compile is a real cold
-one; later sections then measure warm. ``--dry-run`` runs the same code on the CPU with tiny sizes
-in well under a minute (the CUDA-only variants are recorded as skipped, "no CUDA").
+Time (`rnp_fast.harness.budget`): ``--budget-s`` counts from ``$RNP_PROBE_T0`` (gpu_suite.sh sets
+it before installing) or from this process's start. A section whose estimate does not fit what is
+left (less the estimates of the first five still to come) is skipped. Every section that compiles
+runs in a child process of its own, killed whole at its cap: a deadline can never be caught,
+wrapped (torch.compile wraps exceptions raised while it compiles) or swallowed, a compile cut
+short poisons nothing, and the next section starts fresh. Inside a section the units of work check
+the time left before starting; each saves its results to the section's file, which the probe copies
+into its one JSON file (``--out``, written atomically) every few seconds and when the section ends,
+so a section cut short keeps what it finished. A section's error (type, message, the traceback's
+tail) is recorded and the next section runs. Inductor and Triton compile into fresh private cache
+folders, so the first compile is a real cold one; later sections then measure warm. ``--dry-run``
+runs the same code on the CPU with tiny sizes in about two minutes (the CUDA-only variants are
+recorded as skipped, "no CUDA").
 
     bash benchmarks/gpu_suite.sh --out "$OUT/gpu_probe.json"        # on the GPU machine
     python benchmarks/gpu_probe.py --dry-run --out /tmp/probe.json   # anywhere
@@ -33,12 +43,10 @@ in well under a minute (the CUDA-only variants are recorded as skipped, "no CUDA
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,13 +59,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
-import _harness
 import torch
 
+from rnp_fast import harness
 from rnp_fast.config import AttackConfig, BenchConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig, TrainConfig
 from rnp_fast.device import describe_device, resolve_device
-from rnp_fast.engine import EngineSettings, apply_engine, sgd
+from rnp_fast.engine import EngineSettings
 from rnp_fast.errors import UserError
+from rnp_fast.harness import workloads
+from rnp_fast.harness.budget import T0_VARIABLE, Budget, clock_start, run_capped
 from rnp_fast.kernels import auto_table
 from rnp_fast.outputs import save_json
 from rnp_fast.provenance import provenance, versions
@@ -67,7 +77,6 @@ RESULTS = REPO / "benchmarks" / "results"
 MASK_FILE = REPO / "tests" / "data" / "reference" / "mask_values.txt"
 # the operator's CUDA/Triton tests and the CUDA-graph capture of the recover step
 KERNEL_TESTS = [REPO / "tests" / "test_masked_bn_kernel.py", REPO / "tests" / "test_engine.py"]
-STARTED = time.perf_counter()  # the budget counts from the start of the process (imports included)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,19 +92,20 @@ class Sizes:
     step_warmup: int = 5  # untimed steps after the first call
     step_rounds: int = 7  # timed rounds (the median is over these) ...
     steps_per_round: int = 10  # ... of this many steps each, synchronised once per round
-    graph_cases: str = "all"  # all, or one case per stage (bf16 channels_last, the fused recover)
+    compile_s: float = 90.0  # a cold Inductor compile of a ResNet-18 training step (40-120 s on a GPU box)
+    graph_cases: str = "fused and one per stage"  # or "all", or "one per stage"
     compile_backend: str = "inductor"
     kernel_tests: str = "cuda or triton"  # pytest -k
-    workload: str = "cifar"  # rnp_fast.bench.WORKLOADS: e2e, reference, throughput
+    workload: str = "cifar"  # rnp_fast.harness.workloads.WORKLOADS: e2e, reference, throughput
     e2e_epochs: tuple[int, int] = (0, 0)  # unlearning, recovering; 0: the workload's (13, 20)
     e2e_repeats: int = 2
     reference_epochs: tuple[int, int] = (2, 2)
-    reference_test_images: int | None = 2_000  # the synthetic CIFAR test split, clean (x2 scored)
+    reference_test_images: int | None = 2_000  # the synthetic CIFAR test split's first N (x2 scored)
     reference_rnp: dict = field(default_factory=dict)  # RNPConfig overrides (the dry run's fewer thresholds)
-    sweep_workload: str = "cifar"
-    sweep_masks: bool = True  # the reference's published masks (else seeded random ones)
-    sweep_repeats: int = 3
-    sweep_steps: int | None = None  # the first N thresholds only (None: all 19)
+    scoring_workload: str = "cifar"
+    scoring_masks: bool = True  # the reference's published masks (else seeded random ones)
+    scoring_repeats: int = 3
+    scoring_steps: int | None = None  # the first N thresholds only (None: all 19)
     throughput_defenses: int = 20  # at most ...
     throughput_seconds: float = 60.0  # ... and no longer than this
     science_width: float = 1.0
@@ -112,6 +122,7 @@ DRY = Sizes(
     step_warmup=1,
     step_rounds=2,
     steps_per_round=2,
+    compile_s=1.0,
     graph_cases="one per stage",
     compile_backend="eager",  # Dynamo's graphs without code generation: seconds on the CPU
     kernel_tests="cuda",  # all skipped without CUDA: the subprocess and the counting still run
@@ -119,12 +130,12 @@ DRY = Sizes(
     e2e_epochs=(1, 1),
     e2e_repeats=1,
     reference_epochs=(1, 1),
-    reference_test_images=None,
+    reference_test_images=300,  # of the digits' 599: the reduced split's code path, tested
     reference_rnp={"pruning_step": 0.3},  # 4 thresholds: the reference evaluates each on its own
-    sweep_workload="demo",
-    sweep_masks=False,
-    sweep_repeats=1,
-    sweep_steps=2,
+    scoring_workload="demo",
+    scoring_masks=False,
+    scoring_repeats=1,
+    scoring_steps=2,
     throughput_defenses=2,
     throughput_seconds=10.0,
     science_width=0.125,
@@ -135,12 +146,8 @@ DRY = Sizes(
 
 
 # ----------------------------------------------------------------------------------------------
-# The probe: its report, the budget, the saved file
+# The probe: where a section runs, its time, its results
 # ----------------------------------------------------------------------------------------------
-
-
-class SectionTimeout(Exception):
-    """The budget ran out inside a section."""
 
 
 @dataclass
@@ -149,47 +156,29 @@ class Probe:
     device: torch.device
     sizes: Sizes
     workdir: Path  # private caches, run directories; removed at the end
-    report: dict = field(default_factory=dict)
+    budget: Budget
+    ends_at: float  # epoch second this section's cap ends (units of work check it)
+    save: Callable[[], None]  # saves the results so far (atomically)
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
     def remaining(self) -> float:
-        return self.args.budget_s - (time.perf_counter() - STARTED)
+        """Seconds left to this section: to its cap, or to the end of the budget if sooner."""
+        return min(self.ends_at, self.budget.deadline()) - time.time()
 
     def checkpoint(self) -> None:
-        """Save the report now (atomically): a run killed later keeps everything so far. Values JSON
-        cannot hold (a dtype, a path) are saved as text rather than lose the file."""
-        save_json(json.loads(json.dumps(self.report, default=str)), self.args.out)
+        self.save()
 
 
 def log(message: str) -> None:
-    print(f"[{time.perf_counter() - STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def describe_error(error: BaseException) -> dict:
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     return {"type": type(error).__name__, "message": str(error)[:2000], "traceback_tail": text[-3000:]}
-
-
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """Raise SectionTimeout in the main thread after ``seconds`` (where the OS has SIGALRM)."""
-    if not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def expire(signum, frame):
-        raise SectionTimeout(f"stopped after {seconds:.0f} s: the section's limit or the end of --budget-s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def free_memory(device: torch.device) -> None:
@@ -241,7 +230,7 @@ def matmul_rate(device: torch.device) -> dict:
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (256, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    timing = _harness.measure(lambda: a @ b, repeats=10, device=device, warmup=3)
+    timing = harness.measure(lambda: a @ b, repeats=10, device=device, warmup=3)
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": 2 * n**3 / timing["median_s"] / 1e12}
 
 
@@ -256,12 +245,16 @@ def graph_cases(sizes: Sizes) -> list[tuple[str, ...]]:
     if sizes.graph_cases == "all":
         return CASES
     picked = {"unlearn": "torch", "recover": "fused", "train": "torch"}
-    return [c for c in CASES if c[1:3] == ("bf16", "channels_last") and c[3] == picked[c[0]]]
+    one_per_stage = [c for c in CASES if c[1:3] == ("bf16", "channels_last") and c[3] == picked[c[0]]]
+    if sizes.graph_cases == "one per stage":
+        return one_per_stage
+    return [c for c in CASES if c in one_per_stage or c[3] == "fused"]  # the CPU test counts the rest
 
 
 def section_graphs(probe: Probe, results: dict) -> None:
     for case in graph_cases(probe.sizes):
         results["/".join(case)] = count_graphs(probe, *case)
+        probe.checkpoint()
     rows = [row for row in results.values() if isinstance(row, dict)]
     results["all_match"] = all(row.get("match") for row in rows)
 
@@ -302,9 +295,13 @@ def section_kernel(probe: Probe, results: dict) -> None:
     command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     command += [*(str(path.relative_to(REPO)) for path in KERNEL_TESTS), "-k", probe.sizes.kernel_tests]
     results["command"] = " ".join(command)
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(probe.remaining() - 2, 5))
-    results.update(returncode=done.returncode, output_tail=(done.stdout + done.stderr)[-3000:])
+    output = probe.workdir / "kernel-tests.log"
+    with output.open("w") as sink:  # the test run and every process it starts end at the section's cap
+        done = run_capped(command, max(probe.remaining() - 2, 5), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+    results.update(returncode=done.returncode, output_tail=output.read_text()[-3000:])
     results.update(junit_counts(junit))
+    if done.timed_out:
+        raise RuntimeError(f"kernel tests: stopped at the section's cap after {done.seconds:.0f} s")
     if results["failed"] or results["errors"] or done.returncode not in (0, 5):  # 5: nothing collected
         raise RuntimeError(f"kernel tests: {results['failed']} failed, {results['errors']} errors")
 
@@ -353,16 +350,13 @@ def step_batch(probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unlearn_step(probe: Probe, engine: EngineSettings, images: torch.Tensor):
-    """(model, step) as `rnp_fast.unlearn.unlearn` sets them up."""
+    """(model, step) from the stage builder `rnp_fast.unlearn.unlearn` uses."""
+    from rnp_fast.learning import build_stage, unlearn_recipe
     from rnp_fast.models import build_model
-    from rnp_fast.steps import make_step, unlearn_recipe
 
     torch.manual_seed(0)
-    model = apply_engine(build_model("resnet18", 10, probe.sizes.width).to(probe.device).train(), engine)
-    rnp = RNPConfig()
-    options = {"lr": rnp.unlearning_lr, "momentum": rnp.momentum, "weight_decay": rnp.weight_decay}
-    optimizer = sgd(model.parameters(), probe.device, **options)
-    return model, make_step(model, optimizer, unlearn_recipe(), engine, len(images))
+    model = build_model("resnet18", 10, probe.sizes.width).to(probe.device)
+    return model, build_stage(unlearn_recipe(RNPConfig()), model, engine, len(images)).step
 
 
 def recover_step(probe: Probe, engine: EngineSettings, images: torch.Tensor):
@@ -383,7 +377,7 @@ def time_variant(probe: Probe, stage: str, fields: dict) -> tuple[dict, torch.nn
     images, labels = step_batch(probe)
     free_memory(device)
     model, step = STEP_BUILDERS[stage](probe, engine, images)
-    first = _harness.seconds(lambda: step(images, labels), device)
+    first = harness.seconds(lambda: step(images, labels), device)
     for _ in range(sizes.step_warmup):
         step(images, labels)
 
@@ -391,18 +385,18 @@ def time_variant(probe: Probe, stage: str, fields: dict) -> tuple[dict, torch.nn
         for _ in range(sizes.steps_per_round):
             step(images, labels)
 
-    rounds = [_harness.seconds(round_of_steps, device) / sizes.steps_per_round * 1e3 for _ in range(sizes.step_rounds)]
+    rounds = [harness.seconds(round_of_steps, device) / sizes.steps_per_round * 1e3 for _ in range(sizes.step_rounds)]
     row = {"first_call_s": first, "median_ms": statistics.median(rounds), "rounds_ms": rounds}
     return {**row, "peak_memory_mib": peak_memory_mib(device)}, model
 
 
 def section_steps(probe: Probe, results: dict) -> None:
+    """Variant by variant in VARIANTS' order (eager first: no compile), both stages each."""
     models = {}
     for stage in STEP_BUILDERS:
         results[stage] = {}
-        for name, (fields, stages, needs_cuda) in VARIANTS.items():
-            if stage not in stages:
-                continue
+    for name, (fields, stages, needs_cuda) in VARIANTS.items():
+        for stage in stages:
             results[stage][name] = step_variant(probe, stage, name, fields, needs_cuda, models)
             probe.checkpoint()
     results["auto_table"] = write_auto_table(probe, results["recover"], models.get("recover"))
@@ -411,11 +405,12 @@ def section_steps(probe: Probe, results: dict) -> None:
 def step_variant(probe: Probe, stage: str, name: str, fields: dict, needs_cuda: bool, models: dict) -> dict:
     if needs_cuda and not probe.cuda:
         return {"status": "skipped", "reason": "no CUDA"}
+    left, compile_s = probe.remaining(), probe.sizes.compile_s
+    if fields.get("compile") and left < compile_s:
+        return {"status": "skipped", "reason": f"{left:.0f} s left, a cold compile takes ~{compile_s:.0f} s"}
     log(f"steps: {stage} {name}")
     try:
         row, models[stage] = time_variant(probe, stage, fields)
-    except SectionTimeout:
-        raise
     except Exception as error:  # one variant's failure (a capture, a kernel) must not hide the others
         return {"status": "error", "error": describe_error(error)}
     if fields.get("bn_kernel") == "triton" and not probe.cuda:
@@ -438,7 +433,7 @@ def write_auto_table(probe: Probe, recover: dict, model) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. e2e, 6. reference, 8. throughput: whole defenses (rnp_fast.bench)
+# 5. e2e, 6. reference, 8. throughput: whole defenses (rnp_fast.harness.workloads)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -450,81 +445,46 @@ def bench_config(probe: Probe, epochs: tuple[int, int], **fields) -> BenchConfig
 
 
 def section_e2e(probe: Probe, results: dict) -> None:
-    from rnp_fast.bench import run_bench
-
+    """Per-epoch evaluation off (the window's one end-to-end figure), then on: each a cold
+    defense and warm ones, the warm repeats cut to one when a cold compile would not fit twice."""
     for eval_every in (0, 1):
-        # short of time (a slow cold compile before): one warm run, not the planned repeats
-        repeats = probe.sizes.e2e_repeats if probe.remaining() > 2 * SECTIONS["e2e"].estimate_s else 1
+        repeats = probe.sizes.e2e_repeats if probe.remaining() > 2 * probe.sizes.compile_s else 1
         config = bench_config(probe, probe.sizes.e2e_epochs, eval_every=eval_every, modes="fast", repeats=repeats)
-        bench = run_bench(config, progress=lambda line, e=eval_every: log(f"e2e eval_every={e}: {line}"))
-        results[f"eval_every_{eval_every}"] = e2e_row(probe, bench)
+        workdir = probe.workdir / "runs" / f"e2e-{eval_every}"
+        cold, warm = workloads.timed_defenses(config, workdir, lambda line, e=eval_every: log(f"e2e {e}: {line}"))
+        results[f"eval_every_{eval_every}"] = e2e_row(probe, config, cold, warm, workdir)
         probe.checkpoint()
     results["cold_means"] = (
-        "the first defense of this process: Dynamo traces afresh; Inductor's on-disk cache is the probe's "
+        "the first defense of its process: Dynamo traces afresh; Inductor's on-disk cache is the probe's "
         "private one, warm where the steps section compiled the same graphs"
     )
 
 
-def e2e_row(probe: Probe, bench: dict) -> dict:
-    from rnp_fast.bench import BF16_PEAK_FLOPS
-
-    keep = ("config", "cold_seconds", "warm_median_seconds", "warm_runs_seconds", "flops", "achieved")
-    row = {key: bench[key] for key in keep}
-    work = bench["flops"]
-    total = bench["warm_median_seconds"]["fast"]["total"]
-    tflops = (work["unlearn"] + work["recover"] + work["evaluation_upper_bound"]) / max(total, 1e-9) / 1e12
-    name = describe_device(probe.device)
-    peak = next((value for key, value in BF16_PEAK_FLOPS.items() if key in name), None)
-    row["end_to_end"] = {"tflops_upper_bound": tflops, "fraction_of_bf16_peak": tflops * 1e12 / peak if peak else None}
-    return row
-
-
-@contextlib.contextmanager
-def synthetic_test_images(count: int | None):
-    """The synthetic CIFAR workload with ``count`` test images (``load_source`` builds it by name;
-    both modes read the same, so the work stays identical). None: unchanged."""
-    import rnp_fast.loaders.synthetic as synthetic
-
-    original = synthetic.synthetic_cifar10_source
-    if count is not None:
-        synthetic.synthetic_cifar10_source = lambda **kw: original(**{"test_images": count, **kw})
-    try:
-        yield
-    finally:
-        synthetic.synthetic_cifar10_source = original
-
-
-def defend_once(config: BenchConfig, mode: str, out: Path, **rnp) -> dict:
-    """One defense of the bench workload in ``mode`` (``rnp``: RNPConfig overrides): phase seconds
-    and the first steps' seconds."""
-    from rnp_fast.bench import WORKLOADS, phase_seconds
-    from rnp_fast.defense import run_defense
-
-    job = WORKLOADS[config.workload](config, str(out))
-    job = replace(job, engine=replace(job.engine, mode=mode), rnp=replace(job.rnp, **rnp))
-    summary = run_defense(job, reuse=True)
-    first = {key: summary["timings"].get(key) for key in ("unlearn_first_step", "recover_first_step")}
-    return {**phase_seconds(summary), **first}
+def e2e_row(probe: Probe, config: BenchConfig, cold: dict, warm: dict, workdir: Path) -> dict:
+    medians = {"fast": harness.medians(warm["fast"])}
+    work = workloads.workload_flops(config, workdir)
+    return {
+        "config": asdict(config),
+        "cold_seconds": cold,
+        "warm_median_seconds": medians,
+        "warm_runs_seconds": warm,
+        "flops": work,
+        "achieved": workloads.achieved(work, medians["fast"], describe_device(probe.device)),
+    }
 
 
 def section_reference(probe: Probe, results: dict) -> None:
-    from rnp_fast.bench import speedups
-
     config = bench_config(probe, probe.sizes.reference_epochs, eval_every=1, repeats=1)
     sizes = probe.sizes
-    results["work"] = {
-        "epochs": sizes.reference_epochs,
-        "test_images": sizes.reference_test_images,
-        **sizes.reference_rnp,
-    }
+    results["work"] = {"epochs": sizes.reference_epochs, "test_images": sizes.reference_test_images}
+    results["work"].update(sizes.reference_rnp)
     phases = results["phases_seconds"] = {}
-    with synthetic_test_images(probe.sizes.reference_test_images):
-        for mode in ("fast", "reference"):  # fast first: its compiled steps may need a trace
-            log(f"reference section: {mode} mode")
-            out = probe.workdir / "runs" / f"reference-{mode}"
-            phases[mode] = defend_once(config, mode, out, **probe.sizes.reference_rnp)
-            probe.checkpoint()
-    results["speedup_reference_over_fast"] = speedups(phases)
+    for mode in ("fast", "reference"):  # fast first: its compiled steps may need a trace
+        log(f"reference section: {mode} mode")
+        out = probe.workdir / "runs" / f"reference-{mode}"
+        phases[mode] = workloads.defend_once(config, mode, out, sizes.reference_test_images, **sizes.reference_rnp)
+        probe.checkpoint()
+    results["speedup_reference_over_fast"] = workloads.speedups(phases)
 
 
 def section_throughput(probe: Probe, results: dict) -> None:
@@ -538,35 +498,36 @@ def section_throughput(probe: Probe, results: dict) -> None:
         if seconds and (spent + next_one > sizes.throughput_seconds or probe.remaining() < 2 * next_one):
             break
         tick = time.perf_counter()
-        defend_once(config, "fast", probe.workdir / "runs" / f"throughput-{len(seconds)}")
+        workloads.defend_once(config, "fast", probe.workdir / "runs" / f"throughput-{len(seconds)}")
         seconds.append(time.perf_counter() - tick)
-    results.update(defenses=len(seconds), seconds=seconds, total_s=sum(seconds))
+        results.update(defenses=len(seconds), seconds=seconds, total_s=sum(seconds))
+        probe.checkpoint()
     results["defenses_per_hour"] = 3600 * len(seconds) / sum(seconds)
     results["defenses_per_hour_after_first"] = 3600 * (len(seconds) - 1) / sum(seconds[1:]) if seconds[1:] else None
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. sweep
+# 7. scoring
 # ----------------------------------------------------------------------------------------------
 
 
-def section_sweep(probe: Probe, results: dict) -> None:
-    import bench_sweep
+def section_scoring(probe: Probe, results: dict) -> None:
+    import bench_scoring
 
     from rnp_fast.report import read_mask_file
 
     amp = "bf16" if probe.cuda else "off"
     device = "cuda" if probe.cuda else "cpu"
-    run, model = bench_sweep.workload(probe.sizes.sweep_workload, device=device, amp=amp, channels_last=True)
-    masks = read_mask_file(str(MASK_FILE)) if probe.sizes.sweep_masks else bench_sweep.random_masks(model)
-    steps = bench_sweep.threshold_steps(masks)[: probe.sizes.sweep_steps]
-    args = SimpleNamespace(providers="batched,sequential", repeats=probe.sizes.sweep_repeats, batch_size=None)
-    timings, metrics = bench_sweep.time_providers(model, steps, run, args)
-    results.update(workload=probe.sizes.sweep_workload, amp=amp, channels_last=True, steps=len(steps))
-    results["masks"] = str(MASK_FILE.relative_to(REPO)) if probe.sizes.sweep_masks else "seeded random (seed 0)"
+    run, model = bench_scoring.workload(probe.sizes.scoring_workload, device=device, amp=amp, channels_last=True)
+    masks = read_mask_file(str(MASK_FILE)) if probe.sizes.scoring_masks else bench_scoring.random_masks(model)
+    steps = bench_scoring.threshold_steps(masks)[: probe.sizes.scoring_steps]
+    args = SimpleNamespace(providers="batched,sequential", repeats=probe.sizes.scoring_repeats, batch_size=None)
+    timings, metrics = bench_scoring.time_providers(model, steps, run, args)
+    results.update(workload=probe.sizes.scoring_workload, amp=amp, channels_last=True, steps=len(steps))
+    results["masks"] = str(MASK_FILE.relative_to(REPO)) if probe.sizes.scoring_masks else "seeded random (seed 0)"
     results["images"] = {"clean": len(run.tests.clean.labels), "poisoned": len(run.tests.poisoned.labels)}
     results["timings"] = timings
-    results["ratios"] = _harness.ratios({p: t["median_s"] for p, t in timings.items()}, "batched")
+    results["ratios"] = harness.ratios({p: t["median_s"] for p, t in timings.items()}, "batched")
     results["batched_equals_sequential"] = metrics["batched"] == metrics["sequential"]
     results["max_metric_difference"] = metric_difference(metrics["batched"], metrics["sequential"])
 
@@ -598,6 +559,8 @@ def section_science(probe: Probe, results: dict) -> None:
     for seed in sizes.science_seeds:
         results["seeds"][str(seed)] = science_defense(probe, out / "model.safetensors", model, seed)
         probe.checkpoint()
+    results["fidelity"] = science_fidelity(probe)
+    probe.checkpoint()
 
 
 def science_defense(probe: Probe, checkpoint: Path, model: ModelConfig, seed: int) -> dict:
@@ -612,12 +575,23 @@ def science_defense(probe: Probe, checkpoint: Path, model: ModelConfig, seed: in
     job = replace(job, model_path=str(checkpoint), model=model, data=replace(job.data, seed=seed), rnp=rnp)
     try:
         summary = run_defense(job)
-    except SectionTimeout:
-        raise
     except Exception as error:
         return {"status": "error", "error": describe_error(error)}
     keep = ("clean_acc_before", "asr_before", "clean_acc_after", "asr_after", "threshold", "pruned", "seconds")
     return {"status": "ok", **{key: summary[key] for key in keep}}
+
+
+def science_fidelity(probe: Probe) -> dict:
+    """Fast defaults against --mode reference on the demo over two seeds (bench_fidelity.py): the
+    distributions, the masks' rank correlation and a verdict line (the dry run: tiny, on the CPU)."""
+    import bench_fidelity
+
+    log("science: fidelity, fast vs reference over seeds")
+    device = "cuda" if probe.cuda else "cpu"
+    try:
+        return {"status": "ok", **bench_fidelity.fidelity(device, [0, 1], dry_run=probe.args.dry_run)}
+    except Exception as error:
+        return {"status": "error", "error": describe_error(error)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,53 +601,144 @@ def science_defense(probe: Probe, checkpoint: Path, model: ModelConfig, seed: in
 
 @dataclass(frozen=True)
 class Section:
+    """``estimate_s``: typical on an H200 from a cold process; ``cap_s``: the most it may take
+    there; ``dry_s``: typical in --dry-run on 2 loaded CPU cores (the dry cap is 3x, >= 60 s).
+    ``first``: one of the results the first 8 minutes always return; ``child``: compiles, so it
+    runs in a child process killed whole at its cap."""
+
     run: Callable[[Probe, dict], None]
-    estimate_s: float  # on an H200, a cold process (the budget check uses it)
-    dry_estimate_s: float  # --dry-run, on 2 CPU cores
+    estimate_s: float
+    cap_s: float
+    dry_s: float
+    first: bool = False
+    child: bool = True
 
 
+# The H200 estimates, from the dry run's seconds scaled by each section's FLOPs (x ~90 000 for the
+# full-width, 32-pixel, batch-128 steps; ~3-10 TFLOP of work in e2e at a few hundred TFLOP/s: seconds)
+# plus what does not scale: a process start with CUDA (~10 s), a Dynamo trace of a ResNet-18 step
+# (~4 s), a Triton kernel compile (~0.7 s) and a cold Inductor compile of a training step (40-120 s;
+# 90 assumed, `Sizes.compile_s`). graphs: 6 traces + ~90 Triton compiles; kernel: ~87 Triton
+# compiles, most already cached by graphs; steps: ~10 s of eager variants + 2 cold compiles (unlearn,
+# recover) before its later variants (fused, CUDA graphs) check the time left; e2e: a cold defense
+# whose steps hit the Inductor cache steps filled (~2 x 20 s) plus its scoring compile, then warm
+# defenses of ~5 s. The first five sum to ~430 s: inside 8 minutes with the wrapper's ~30 s install.
 SECTIONS = {
-    "env": Section(section_env, 10, 1),
-    "graphs": Section(section_graphs, 45, 10),
-    "kernel": Section(section_kernel, 75, 8),
-    "steps": Section(section_steps, 150, 10),
-    "e2e": Section(section_e2e, 120, 8),
-    "reference": Section(section_reference, 60, 5),
-    "sweep": Section(section_sweep, 40, 4),
-    "throughput": Section(section_throughput, 70, 5),
-    "science": Section(section_science, 90, 6),
+    "env": Section(section_env, 15, 60, 2, first=True, child=False),
+    "graphs": Section(section_graphs, 90, 150, 25, first=True),
+    "kernel": Section(section_kernel, 60, 120, 20, first=True, child=False),
+    "steps": Section(section_steps, 190, 300, 25, first=True),
+    "e2e": Section(section_e2e, 75, 200, 60, first=True),
+    "reference": Section(section_reference, 60, 150, 15),
+    "scoring": Section(section_scoring, 40, 120, 10),
+    "throughput": Section(section_throughput, 70, 120, 15),
+    "science": Section(section_science, 150, 300, 30),  # 60 s (dry: 24 s) of it: the fidelity check
 }
 
 
-def run_section(probe: Probe, name: str) -> dict:
+def plan(args: argparse.Namespace, name: str, budget: Budget) -> tuple[float, float, str | None]:
+    """(estimate, cap, why it is skipped or None): what is left of the budget, less the estimates of
+    the first-eight-minutes sections still to come, must hold the estimate."""
     section = SECTIONS[name]
-    estimate = section.dry_estimate_s if probe.args.dry_run else section.estimate_s
-    remaining = probe.remaining()
-    if estimate > remaining:
-        return {"status": "skipped", "reason": f"estimate {estimate:.0f} s > {remaining:.0f} s left of --budget-s"}
-    entry = probe.report["sections"][name] = {"status": "running", "estimate_s": estimate, "results": {}}
+    estimate = section.dry_s if args.dry_run else section.estimate_s
+    later = args.section_list[args.section_list.index(name) + 1 :]
+    reserved = sum(SECTIONS[n].dry_s if args.dry_run else SECTIONS[n].estimate_s for n in later if SECTIONS[n].first)
+    usable = budget.left() - (0 if section.first else reserved)
+    cap = args.caps.get(name) or (max(3 * section.dry_s, 60) if args.dry_run else section.cap_s)
+    if estimate > usable * (2 if section.first else 1):  # a first section is worth a try at half its time
+        kept = f", {reserved:.0f} s kept for the first sections still to come" if reserved and not section.first else ""
+        return estimate, cap, f"estimate {estimate:.0f} s > {budget.left():.0f} s left of --budget-s{kept}"
+    return estimate, min(cap, usable), None
+
+
+def run_section(probe: Probe, report: dict, name: str) -> dict:
+    estimate, cap, skip = plan(probe.args, name, probe.budget)
+    if skip:
+        return {"status": "skipped", "reason": skip}
+    entry = report["sections"][name] = {"status": "running", "estimate_s": estimate, "cap_s": cap, "results": {}}
+    probe.checkpoint()
     started = time.perf_counter()
-    try:  # a hung section must not take the others' time: at most 3x its estimate (>= 60 s)
-        with deadline(min(remaining, max(3 * estimate, 60))):
-            if name == probe.args.fail_section:
-                raise RuntimeError(f"deliberate failure of section {name} (--fail-section)")
-            section.run(probe, entry["results"])
-        entry["status"] = "ok"
-    except Exception as error:  # recorded; the next section runs
-        entry.update(status="error", error=describe_error(error))
-    finally:
-        entry["seconds"] = time.perf_counter() - started
-        free_memory(probe.device)
+    if SECTIONS[name].child:
+        entry.update(section_in_child(probe, name, cap, entry))
+    else:
+        section_probe = replace(probe, ends_at=time.time() + cap)
+        entry.update(section_outcome(section_probe, name, entry["results"]))
+    entry["seconds"] = time.perf_counter() - started
     return entry
 
 
-def run_probe(probe: Probe, names: list[str]) -> None:
-    for name in names:
-        log(f"== {name}")
-        entry = run_section(probe, name)
-        probe.report["sections"][name] = entry
+def section_outcome(probe: Probe, name: str, results: dict) -> dict:
+    """Run one section's work into ``results``: its status, and its error if it raised."""
+    try:
+        if name == probe.args.stall_section:
+            stall_in_compile(probe, results)
+        if name == probe.args.fail_section:
+            raise RuntimeError(f"deliberate failure of section {name} (--fail-section)")
+        SECTIONS[name].run(probe, results)
+        return {"status": "ok"}
+    except Exception as error:  # recorded; the next section runs
+        return {"status": "error", "error": describe_error(error)}
+    finally:
+        free_memory(probe.device)
+
+
+def stall_in_compile(probe: Probe, results: dict) -> None:
+    """Tests: a compile that never ends (a backend that sleeps), after saving a first result."""
+
+    def endless_backend(graph, example_inputs):
+        time.sleep(3600)
+        return graph.forward
+
+    results["stalled"] = "compiling"
+    probe.checkpoint()
+    torch.compile(lambda x: x * 2, backend=endless_backend, fullgraph=True)(torch.ones(2))
+
+
+def section_in_child(probe: Probe, name: str, cap: float, entry: dict) -> dict:
+    """The section in a fresh process (this script, --section-child), killed whole at ``cap``; its
+    results file is copied into the report every few seconds and at the end."""
+    path = probe.workdir / "sections" / f"{name}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), *probe.args.argv]
+    command += ["--section-child", name, "--section-results", str(path), "--section-workdir", str(probe.workdir)]
+    command += ["--section-ends-at", repr(time.time() + cap)]
+    env = {**os.environ, T0_VARIABLE: repr(probe.budget.started_at)}  # the children's clock is ours
+
+    def copy_results() -> dict:
+        child = read_results(path)
+        entry["results"] = child.get("results", entry["results"])
         probe.checkpoint()
-        log(f"{name}: {entry['status']}" + (f" ({entry.get('seconds', 0):.1f} s)" if "seconds" in entry else ""))
+        return child
+
+    outcome = run_capped(command, cap, on_poll=copy_results, env=env)
+    child = copy_results()
+    if outcome.timed_out:
+        message = f"stopped at its cap of {cap:.0f} s (the process and all it started were killed)"
+        return {"status": "timed out", "error": {"type": "SectionCap", "message": message}}
+    if child.get("status") in ("ok", "error"):
+        return {key: child[key] for key in ("status", "error") if key in child}
+    message = f"the section's process exited with code {outcome.returncode} before reporting"
+    return {"status": "error", "error": {"type": "ChildExit", "message": message}}
+
+
+def read_results(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet
+        return {}
+
+
+def child_main(args: argparse.Namespace, device: torch.device, workdir: Path) -> int:
+    """--section-child: one section in this process, its results saved to --section-results."""
+    results: dict = {}
+
+    def save(status: str = "running", **outcome) -> None:
+        harness.save({"status": status, **outcome, "results": results}, args.section_results, "--section-results")
+
+    budget = Budget(args.budget_s, clock_start())
+    probe = Probe(args, device, DRY if args.dry_run else GPU, workdir, budget, args.section_ends_at, save)
+    outcome = section_outcome(probe, args.section_child, results)
+    save(**outcome)
+    return 0 if outcome["status"] == "ok" else 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -681,20 +746,43 @@ def run_probe(probe: Probe, names: list[str]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def section_caps(text: str) -> dict[str, float]:
+    """--cap-s steps=200,e2e=120: seconds per named section."""
+    caps = {}
+    for item in filter(None, text.split(",")):
+        name, _, seconds = item.partition("=")
+        try:
+            caps[name] = float(seconds)
+        except ValueError:
+            raise UserError(f"--cap-s takes NAME=SECONDS,...; got {item!r}") from None
+        if name not in SECTIONS or caps[name] <= 0:
+            raise UserError(f"--cap-s takes NAME=SECONDS with NAME of {', '.join(SECTIONS)}; got {item!r}")
+    return caps
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _harness.parser(__doc__)
-    parser.add_argument("--dry-run", action="store_true", help="the CPU with tiny sizes (CI: under a minute)")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="seconds for the whole probe (default: 480)")
+    parser = harness.parser(__doc__)
+    parser.add_argument("--dry-run", action="store_true", help="the CPU with tiny sizes (CI: about two minutes)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help=f"seconds from ${T0_VARIABLE} or the start")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma separated, of: {', '.join(SECTIONS)}")
+    parser.add_argument("--cap-s", default="", help="NAME=SECONDS,...: a section's cap instead of its own")
     parser.add_argument("--auto-table", type=Path, help="where the steps section writes the auto table")
     parser.add_argument("--fail-section", help=argparse.SUPPRESS)  # tests: make this section fail
+    parser.add_argument("--stall-section", help=argparse.SUPPRESS)  # tests: this section's compile never ends
+    parser.add_argument("--section-child", help=argparse.SUPPRESS)  # the probe's own child processes
+    parser.add_argument("--section-results", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--section-ends-at", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--section-workdir", type=Path, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv
     args.section_list = [name for name in args.sections.split(",") if name]
     unknown = set(args.section_list) - set(SECTIONS)
     if unknown or not args.section_list:
         raise UserError(f"--sections takes {', '.join(SECTIONS)}; got {args.sections!r}")
     if args.budget_s <= 0:
         raise UserError(f"--budget-s must be > 0, got {args.budget_s}")
+    args.caps = section_caps(args.cap_s)
     return args
 
 
@@ -726,26 +814,37 @@ def private_caches(workdir: Path) -> dict[str, str]:
     return {name: str(path) for name, path in caches.items()}
 
 
+def run_probe(probe: Probe, report: dict) -> None:
+    for name in probe.args.section_list:
+        log(f"== {name}")
+        entry = run_section(probe, report, name)
+        report["sections"][name] = entry
+        probe.checkpoint()
+        log(f"{name}: {entry['status']}" + (f" ({entry['seconds']:.1f} s)" if "seconds" in entry else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the probe; 0 when every section ran or was skipped, 1 when one failed (all recorded)."""
     args = parse_args(argv)
+    if args.dry_run:  # a smoke run, not a measurement: one thread cannot be oversubscribed on shared cores
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"  # the processes it starts
+    if args.section_child:
+        return child_main(args, settle(args, args.section_workdir), args.section_workdir)
+    budget = Budget(args.budget_s, clock_start())
     with tempfile.TemporaryDirectory(prefix="rnp-probe-") as tmp:
         workdir = Path(tmp)
         device = settle(args, workdir)
-        caches = private_caches(workdir)
-        sizes = DRY if args.dry_run else GPU
-        if args.dry_run:  # a smoke run, not a measurement: one thread cannot be oversubscribed on shared cores
-            torch.set_num_threads(1)
-            os.environ["OMP_NUM_THREADS"] = "1"  # the kernel tests' subprocess
-        probe = Probe(args, device, sizes, workdir)
-        probe.report = {"benchmark": "gpu probe", **provenance(device), "dry_run": args.dry_run}
-        probe.report.update(budget_s=args.budget_s, sizes=asdict(sizes), caches=caches, sections={})
-        probe.report["auto_table_path"] = str(args.auto_table)
+        report = {"benchmark": "gpu probe", **provenance(device), "dry_run": args.dry_run, "budget_s": args.budget_s}
+        report.update(started_at=budget.started_at, sizes=asdict(DRY if args.dry_run else GPU), sections={})
+        report.update(caches=private_caches(workdir), auto_table_path=str(args.auto_table))
+        probe = Probe(args, device, DRY if args.dry_run else GPU, workdir, budget, budget.deadline(), lambda: None)
+        probe.save = lambda: save_json(json.loads(json.dumps(report, default=str)), args.out)
         probe.checkpoint()
-        run_probe(probe, args.section_list)
-        probe.report["total_s"] = time.perf_counter() - STARTED
+        run_probe(probe, report)
+        report["total_s"] = budget.spent()
         probe.checkpoint()
-    statuses = {name: entry["status"] for name, entry in probe.report["sections"].items()}
+    statuses = {name: entry["status"] for name, entry in report["sections"].items()}
     log(f"saved {args.out}: {statuses}")
     return 1 if "error" in statuses.values() else 0
 
@@ -755,4 +854,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    _harness.run(cli)
+    harness.run(cli)

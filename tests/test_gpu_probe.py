@@ -1,7 +1,9 @@
 """The GPU probe (benchmarks/gpu_probe.py) in its dry run: the same code on the CPU with tiny sizes.
 
-One dry run of every section (in this process, with one section made to fail on purpose) serves
-the first three tests; the wrapper (benchmarks/gpu_suite.sh) runs one cheap section as users run it.
+One dry run of every section (started from this process, with one section made to fail on purpose)
+serves the first three tests; one more makes a section's compile never end and checks that it is
+killed at its cap and the next section still compiles and measures; the wrapper
+(benchmarks/gpu_suite.sh) runs one cheap section as users run it.
 """
 
 import importlib
@@ -9,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ import torch
 from rnp_fast.kernels import auto_table
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-FAILING = "reference"  # made to fail; the sweep section comes after it
+FAILING = "reference"  # made to fail; the scoring section comes after it
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +52,7 @@ def dry_run(gpu_probe, tmp_path_factory):
     table_before = auto_table.TABLE.read_bytes() if auto_table.TABLE.is_file() else None
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gpu_probe, "save_json", save_and_read_back)
+        patch.setenv("RNP_PROBE_T0", repr(time.time()))  # as gpu_suite.sh does: the budget starts now
         argv = ["--dry-run", "--out", str(out), "--auto-table", str(table), "--fail-section", FAILING]
         code = gpu_probe.main(argv)
     table_after = auto_table.TABLE.read_bytes() if auto_table.TABLE.is_file() else None
@@ -74,7 +78,7 @@ def test_the_dry_run_records_every_section(gpu_probe, dry_run):
     assert steps["auto_table"]["path"] == str(table) and saved_table["cases"][0]["key"].startswith("cpu|ResNet:")
     e2e = sections["e2e"]["results"]
     assert {"eval_every_0", "eval_every_1"} <= e2e.keys() and e2e["eval_every_1"]["warm_median_seconds"]["fast"]
-    assert sections["sweep"]["results"]["batched_equals_sequential"]
+    assert sections["scoring"]["results"]["batched_equals_sequential"]
     assert sections["throughput"]["results"]["defenses_per_hour"] > 0
     assert set(sections["science"]["results"]["seeds"]["0"]) >= {"asr_before", "asr_after", "clean_acc_after"}
 
@@ -85,7 +89,7 @@ def test_a_failing_section_is_recorded_and_the_next_one_runs(dry_run):
     assert code == 1 and failed["status"] == "error"
     assert failed["error"]["type"] == "RuntimeError" and "--fail-section" in failed["error"]["message"]
     assert "Traceback" in failed["error"]["traceback_tail"]
-    assert report["sections"]["sweep"]["status"] == "ok"
+    assert report["sections"]["scoring"]["status"] == "ok"
 
 
 def test_the_json_is_valid_after_each_section(gpu_probe, dry_run):
@@ -106,6 +110,28 @@ def test_sections_over_the_budget_are_skipped(gpu_probe, tmp_path):
     assert "--budget-s" in sections["graphs"]["reason"]
 
 
+def test_a_section_stuck_compiling_is_killed_at_its_cap_and_the_next_one_compiles(gpu_probe, tmp_path, monkeypatch):
+    """A compile that never ends (a backend that sleeps) in the graphs section: its process is
+    killed at the cap, what it saved before is kept, and the steps section compiles and measures."""
+    monkeypatch.setenv("RNP_PROBE_T0", repr(time.time()))
+    out = tmp_path / "probe.json"
+    argv = ["--dry-run", "--sections", "graphs,steps", "--stall-section", "graphs", "--cap-s", "graphs=20"]
+    assert gpu_probe.main([*argv, "--out", str(out), "--auto-table", str(tmp_path / "table.json")]) == 0
+    graphs, steps = (json.loads(out.read_text())["sections"][name] for name in ("graphs", "steps"))
+    assert graphs["status"] == "timed out" and graphs["error"]["type"] == "SectionCap"
+    assert graphs["results"] == {"stalled": "compiling"}  # saved before the compile began
+    assert 20 <= graphs["seconds"] < 40  # killed at the cap, not waited for
+    assert steps["status"] == "ok" and steps["results"]["unlearn"]["compiled"]["median_ms"] > 0
+
+
+def test_the_budget_counts_from_the_wrappers_start(gpu_probe, tmp_path, monkeypatch):
+    monkeypatch.setenv("RNP_PROBE_T0", repr(time.time() - 1000))  # a wrapper that started 1,000 s ago
+    out = tmp_path / "probe.json"
+    assert gpu_probe.main(["--dry-run", "--sections", "env", "--budget-s", "900", "--out", str(out)]) == 0
+    env = json.loads(out.read_text())["sections"]["env"]
+    assert env["status"] == "skipped" and "--budget-s" in env["reason"]
+
+
 def test_the_wrapper_runs_the_probe_and_refuses_bad_sections(tmp_path):
     out = tmp_path / "probe.json"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
@@ -115,5 +141,5 @@ def test_the_wrapper_runs_the_probe_and_refuses_bad_sections(tmp_path):
     assert json.loads(out.read_text())["sections"]["env"]["results"]["matmul"]["tflops"] > 0
     bad = subprocess.run([*wrapper, "--sections", "env,gpu"], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    sections = "env, graphs, kernel, steps, e2e, reference, sweep, throughput, science"
+    sections = "env, graphs, kernel, steps, e2e, reference, scoring, throughput, science"
     assert bad.stderr.strip() == f"gpu_probe.py: error: --sections takes {sections}; got 'env,gpu'"
