@@ -30,6 +30,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
+from triton_compat import make_interpreter_accept_new_numpy  # noqa: E402
 
 from rnp_fast.kernels.ops import masked_batch_norm  # noqa: E402
 from rnp_fast.kernels.reference import masked_batch_norm_reference  # noqa: E402
@@ -308,6 +309,8 @@ def kernels():
     pytest.importorskip("triton")
     from rnp_fast.kernels import masked_bn
 
+    if not torch.cuda.is_available():  # the interpreter: Triton 3.6 with numpy >= 2.4 (see triton_compat)
+        make_interpreter_accept_new_numpy()
     return masked_bn
 
 
