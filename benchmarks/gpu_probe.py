@@ -602,7 +602,7 @@ def science_fidelity(probe: Probe) -> dict:
 @dataclass(frozen=True)
 class Section:
     """``estimate_s``: typical on an H200 from a cold process; ``cap_s``: the most it may take
-    there; ``dry_s``: typical in --dry-run on 2 loaded CPU cores (the dry cap is 3x, >= 60 s).
+    there; ``dry_s``: typical in --dry-run on 2 loaded CPU cores (the dry cap: 4x, >= 120 s).
     ``first``: one of the results the first 8 minutes always return; ``child``: compiles, so it
     runs in a child process killed whole at its cap."""
 
@@ -625,14 +625,14 @@ class Section:
 # defenses of ~5 s. The first five sum to ~430 s: inside 8 minutes with the wrapper's ~30 s install.
 SECTIONS = {
     "env": Section(section_env, 15, 60, 2, first=True, child=False),
-    "graphs": Section(section_graphs, 90, 150, 25, first=True),
+    "graphs": Section(section_graphs, 90, 150, 30, first=True),
     "kernel": Section(section_kernel, 60, 120, 20, first=True, child=False),
-    "steps": Section(section_steps, 190, 300, 25, first=True),
-    "e2e": Section(section_e2e, 75, 200, 60, first=True),
-    "reference": Section(section_reference, 60, 150, 15),
-    "scoring": Section(section_scoring, 40, 120, 10),
-    "throughput": Section(section_throughput, 70, 120, 15),
-    "science": Section(section_science, 150, 300, 30),  # 60 s (dry: 24 s) of it: the fidelity check
+    "steps": Section(section_steps, 190, 300, 30, first=True),
+    "e2e": Section(section_e2e, 75, 200, 70, first=True),
+    "reference": Section(section_reference, 60, 150, 40),
+    "scoring": Section(section_scoring, 40, 120, 40),
+    "throughput": Section(section_throughput, 70, 120, 35),
+    "science": Section(section_science, 150, 300, 60),  # 60 s (dry: 24 s) of it: the fidelity check
 }
 
 
@@ -644,7 +644,7 @@ def plan(args: argparse.Namespace, name: str, budget: Budget) -> tuple[float, fl
     later = args.section_list[args.section_list.index(name) + 1 :]
     reserved = sum(SECTIONS[n].dry_s if args.dry_run else SECTIONS[n].estimate_s for n in later if SECTIONS[n].first)
     usable = budget.left() - (0 if section.first else reserved)
-    cap = args.caps.get(name) or (max(3 * section.dry_s, 60) if args.dry_run else section.cap_s)
+    cap = args.caps.get(name) or (max(4 * section.dry_s, 120) if args.dry_run else section.cap_s)
     if estimate > usable * (2 if section.first else 1):  # a first section is worth a try at half its time
         kept = f", {reserved:.0f} s kept for the first sections still to come" if reserved and not section.first else ""
         return estimate, cap, f"estimate {estimate:.0f} s > {budget.left():.0f} s left of --budget-s{kept}"
