@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rnp_fast import harness
 from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, RNPConfig
 from rnp_fast.data import defense_data
 from rnp_fast.demo import DEMO_DATA, DEMO_MODEL, DEMO_RNP, demo_checkpoint
@@ -49,7 +50,6 @@ from rnp_fast.evaluation.metrics import Outputs, metrics_from_outputs
 from rnp_fast.evaluation.scoring import batched_test_logits, prune_set
 from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.masked_bn import MaskedBatchNorm2d, masked_batchnorm_layers
-from rnp_fast.provenance import provenance
 from rnp_fast.prune import Channel, PruneStep, make_step, rank_channels, threshold_schedule
 from rnp_fast.recover import recover
 from rnp_fast.resolved import resolve_run
@@ -394,9 +394,7 @@ def report(records: list[dict], args, device) -> None:
     setup = {"data": DEMO_DATA, "rnp": DEMO_RNP, "protect": args.protect, "target_weight": args.target_weight}
     setup.update(asr_goal=ASR_GOAL, clean_drop_goal=CLEAN_DROP_GOAL, models=sorted({r["model"] for r in records}))
     setup["seeds"] = sorted({r["seed"] for r in records})
-    if args.out:
-        result = {**provenance(device), "setup": setup, "table": rows, "records": records}
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    harness.write_result({"setup": setup, "table": rows, "records": records}, args.out, device)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -423,4 +421,4 @@ def one_line(record: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    harness.run(main)
