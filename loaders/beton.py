@@ -12,10 +12,12 @@ install it when it is missing.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from rnp_fast.errors import UserError
 from rnp_fast.loaders.sources import ImageSet
@@ -24,6 +26,18 @@ IMAGE, LABEL = "image", "label"
 INSTALL_HINT = (
     "pip install 'rnp-fast[ffcv]' (it builds against libturbojpeg, OpenCV and pkg-config: see `make install-ffcv`)"
 )
+
+
+@contextmanager
+def torch_threads_kept():
+    """Restore torch's intra-op thread count after FFCV changed it: FFCV sets it when imported (to
+    1) and when a loader is built or iterated (to its worker count), which would change the
+    caller's training speed and, through the float order, its results."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def require_ffcv():
@@ -37,7 +51,8 @@ def require_ffcv():
         # the preference must be set before that import.
         if numba.config.THREADING_LAYER == "default":
             numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
-        import ffcv
+        with torch_threads_kept():  # importing ffcv sets torch's intra-op threads to 1
+            import ffcv
     except ImportError as error:
         raise UserError(f"FFCV is not installed ({error}): {INSTALL_HINT}") from None
     return ffcv

@@ -12,7 +12,9 @@ marked ``with_indices``):
 
 The order and the augmentation parameters come from the same seeded streams as `DeviceLoader`, and
 the image operation calls the same `image_transform`, so both loaders yield identical batches.
-``drop_last`` is off: FFCV's default would silently drop the last partial batch.
+``drop_last`` is off: FFCV's default would silently drop the last partial batch. FFCV sets torch's
+intra-op thread count to its worker count when a loader is built and at every epoch; the caller's
+count is restored each time (see `beton.torch_threads_kept`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from rnp_fast.errors import UserError
-from rnp_fast.loaders.beton import IMAGE, LABEL, open_beton, require_ffcv
+from rnp_fast.loaders.beton import IMAGE, LABEL, open_beton, require_ffcv, torch_threads_kept
 from rnp_fast.loaders.device_loader import OnDeviceBatches
 
 INDEX = "index"  # an extra output (from the label field) carrying the batch's dataset indices
@@ -39,7 +41,8 @@ class FFCVLoader(OnDeviceBatches):
         if self.poison is not None and len(self.poison.poisoned) != self.count:
             raise UserError(f"{path}: {self.count} images, but the poisoning plan covers {len(self.poison.poisoned)}")
         self.offsets = self.flips = None  # this epoch's augmentation parameters, set by __iter__
-        self.loader = self._ffcv_loader(num_workers, batches_ahead)
+        with torch_threads_kept():
+            self.loader = self._ffcv_loader(num_workers, batches_ahead)
 
     def _ffcv_loader(self, num_workers: int, batches_ahead: int):
         require_ffcv()
@@ -73,7 +76,9 @@ class FFCVLoader(OnDeviceBatches):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self.offsets, self.flips = self.epoch_augmentation()
         self.loader.next_epoch = self.epoch  # FFCV asks its traversal order for this epoch
-        for batch in self.loader:
+        with torch_threads_kept():
+            batches = iter(self.loader)  # starts FFCV's epoch thread
+        for batch in batches:
             yield tuple(batch)
 
     def batch_params(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,9 @@ FFCV is an optional extra: without it these tests skip, except the one checking 
 """
 
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -152,3 +155,79 @@ def test_convert_has_help(capsys):
         main(["convert", "--help"])
     assert exit_info.value.code == 0
     assert "OUT.beton" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- torch's threads
+
+THREADS_SCRIPT = """
+import sys
+import torch
+from rnp_fast.loaders.beton import require_ffcv, write_beton
+from rnp_fast.loaders.ffcv_loader import FFCVLoader
+from rnp_fast.loaders.sources import digits_source
+
+torch.set_num_threads(3)
+require_ffcv()  # FFCV sets 1 thread when imported
+assert torch.get_num_threads() == 3, ("import", torch.get_num_threads())
+path = write_beton(digits_source().train, sys.argv[1])
+loader = FFCVLoader(path, (0.5,), (0.5,), batch_size=256, device="cpu")  # FFCV sets its worker count
+assert torch.get_num_threads() == 3, ("loader", torch.get_num_threads())
+for epoch in range(2):  # and again at every epoch
+    loader.set_epoch(epoch)
+    for images, labels in loader:
+        assert torch.get_num_threads() == 3, ("epoch", epoch, torch.get_num_threads())
+print("kept")
+"""
+
+
+@needs_ffcv
+def test_ffcv_keeps_the_callers_thread_count(tmp_path):
+    # in a fresh process: ffcv must be imported here for the first time
+    result = subprocess.run(
+        [sys.executable, "-c", THREADS_SCRIPT, str(tmp_path / "d.beton")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "kept", result.stderr[-3000:]
+
+
+SAME_MODEL_SCRIPT = """
+import json
+import sys
+import torch
+from safetensors.torch import load_file
+from rnp_fast.cli import main
+
+out, width = sys.argv[1], sys.argv[2]
+threads = torch.get_num_threads()  # torch's default: one per core
+common = ["--dataset", "digits", "--width", width, "--device", "cpu", "--quiet", "--epochs", "2"]
+assert main(["convert", "digits", out + "/train.beton", "--quiet"]) == 0
+assert main(["train-backdoor", "--out", out + "/beton", *common, "--train-beton", out + "/train.beton"]) == 0
+after_ffcv = torch.get_num_threads()
+assert main(["train-backdoor", "--out", out + "/device", *common]) == 0
+beton, device = (load_file(out + name + "/model.safetensors") for name in ("/beton", "/device"))
+summaries = [json.load(open(out + name + "/summary.json")) for name in ("/beton", "/device")]
+print(json.dumps({
+    "threads": [threads, after_ffcv],
+    "same_weights": beton.keys() == device.keys() and all(torch.equal(beton[k], device[k]) for k in beton),
+    "metrics": [[s["clean_acc"], s["asr"]] for s in summaries],
+}))
+"""
+
+
+@needs_ffcv
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores: torch's default is then more than 1 thread")
+def test_train_beton_trains_the_same_model_as_the_device_loader(tmp_path):
+    """Identical batches and the same (default) thread count: the same float order, the same model."""
+    result = subprocess.run(
+        [sys.executable, "-c", SAME_MODEL_SCRIPT, str(tmp_path), str(TINY_WIDTH)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["threads"][0] == report["threads"][1] > 1
+    assert report["same_weights"], report
+    assert report["metrics"][0] == report["metrics"][1]
