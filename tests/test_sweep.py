@@ -343,6 +343,7 @@ def test_worker_pool_shares_one_trained_model(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'rnp-fast[ray]')"
 )
@@ -350,8 +351,10 @@ def test_ray_backend_gives_the_local_metrics(resumed_store, tmp_path, monkeypatc
     import ray
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray process on 127.0.0.1 (see test_ray)
     local_store, sweep_file, _, _ = resumed_store
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a local Ray instance, 2 CPUs
+    # a local Ray instance, 2 CPUs, on the loopback address only
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         options = SweepRunConfig(store=str(tmp_path / "store"), backend="ray", quiet=True)
         summary = run_sweep(str(sweep_file), options)  # connects to the instance above

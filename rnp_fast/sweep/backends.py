@@ -11,10 +11,14 @@ from __future__ import annotations
 import concurrent.futures as futures
 import multiprocessing
 import os
+import re
+import shutil
 import socket
+import sys
 import tempfile
 from collections import deque
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from pathlib import Path
 
 from rnp_fast.errors import UserError
@@ -23,6 +27,8 @@ from rnp_fast.sweep.execute import run_job
 from rnp_fast.sweep.job import Job
 
 RAY_INSTALL = "pip install 'rnp-fast[ray]'"
+CONNECT_TIMEOUT_S = 5.0  # to open a TCP connection to --address before handing it to Ray
+SCRATCH_PREFIX = "rnp-fast-job-"  # + "<pid>-<host>-": a Ray task's scratch folder (see ray_job)
 
 
 class InProcess:
@@ -56,9 +62,8 @@ class WorkerPool:
         slots = context.Queue()
         for device in self.devices:
             slots.put(device)
-        threads = max(1, (os.cpu_count() or 1) // len(self.devices))
         return futures.ProcessPoolExecutor(
-            len(self.devices), mp_context=context, initializer=claim_slot, initargs=(slots, threads)
+            len(self.devices), mp_context=context, initializer=claim_slot, initargs=(slots,)
         )
 
     def run(self, jobs: list[Job], events, paths) -> None:
@@ -88,13 +93,9 @@ class WorkerPool:
 _SLOT_DEVICE = "cpu"  # the device of this worker process, set once by claim_slot
 
 
-def claim_slot(slots, threads: int) -> None:
+def claim_slot(slots) -> None:
     global _SLOT_DEVICE
     _SLOT_DEVICE = slots.get()
-    if _SLOT_DEVICE == "cpu":  # the CPU's cores are shared among the workers
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def pool_job(job: Job, models: Path, job_dir: Path, keep_purified: bool) -> dict:
@@ -104,13 +105,15 @@ def pool_job(job: Job, models: Path, job_dir: Path, keep_purified: bool) -> dict
 
 class RayBackend:
     """One Ray task per job with its share of a GPU (``1 / jobs_per_gpu``) when the cluster has
-    GPUs; Ray retries tasks whose worker died. Tasks send their artifacts back and the driver
-    writes them, so workers need no access to the store's disk."""
+    GPUs; Ray retries tasks whose worker died, and each try is counted (``attempts``) by a small
+    actor the tasks report to. Tasks send their artifacts back and the driver writes them, so
+    workers need no access to the store's disk."""
 
     def __init__(self, address: str | None, jobs_per_gpu: int, max_retries: int):
         self.ray = import_ray()
         self.owns_ray = not self.ray.is_initialized()  # else: the caller's Ray, left running at the end
-        self.ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        connect(self.ray, address)
+        remove_dead_scratch()  # this node's, left by tasks killed in an earlier run
         resources = self.ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         self.gpu_share = 1.0 / jobs_per_gpu if gpus else 0.0
@@ -118,20 +121,23 @@ class RayBackend:
         self.task = self.ray.remote(ray_job).options(
             num_cpus=1, num_gpus=self.gpu_share, max_retries=max_retries, retry_exceptions=False
         )
+        self.tries = self.ray.remote(TryCounter).options(num_cpus=0).remote()
         self.name = f"ray ({int(resources.get('CPU', 0))} CPUs, {gpus} GPUs, {self.window} tasks at once)"
 
     def run(self, jobs: list[Job], events, paths) -> None:
         def submit(job):
-            return self.task.remote(job, str(paths.models), paths.keep_purified)
+            return self.task.remote(job, str(paths.models), paths.keep_purified, self.tries)
 
         def wait_one(in_flight):
             [ready], _ = self.ray.wait(list(in_flight), num_returns=1)
+            job = in_flight[ready]
             try:
                 record = self.ray.get(ready)
             except self.ray.exceptions.RayError as error:  # lost workers, after Ray's own retries
-                return ready, {"error": f"ray task failed: {' '.join(str(error).split())[:500]}"}
-            write_artifacts(paths.job(in_flight[ready]), record.pop("files", {}))
-            return ready, record
+                record = {"error": f"ray task failed: {' '.join(str(error).split())[:500]}"}
+            else:
+                write_artifacts(paths.job(job), record.pop("files", {}))
+            return ready, {**record, "tries": self.ray.get(self.tries.count.remote(job.hash))}
 
         windowed(jobs, self.window, submit, wait_one, events, "ray task")
 
@@ -140,12 +146,27 @@ class RayBackend:
             self.ray.shutdown()
 
 
-def ray_job(job: Job, models_dir: str, keep_purified: bool) -> dict:
+class TryCounter:
+    """A Ray actor: how many times each job's task started (Ray reruns a task whose worker died)."""
+
+    def __init__(self):
+        self.tries: dict[str, int] = {}
+
+    def started(self, job_hash: str) -> None:
+        self.tries[job_hash] = self.tries.get(job_hash, 0) + 1
+
+    def count(self, job_hash: str) -> int:
+        return self.tries.get(job_hash, 0)
+
+
+def ray_job(job: Job, models_dir: str, keep_purified: bool, tries) -> dict:
     """A Ray task: run the job in scratch space and return its record with its files."""
     import ray
 
+    ray.get(tries.started.remote(job.hash))
+    remove_dead_scratch()
     device = "cuda" if ray.get_gpu_ids() else "cpu"  # Ray narrows CUDA_VISIBLE_DEVICES to this task's GPU
-    with tempfile.TemporaryDirectory(prefix="rnp-fast-job-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-{socket.gethostname()}-") as scratch:
         job_dir = Path(scratch) / job.hash
         record = run_job(job, model_cache(Path(models_dir)), job_dir, device, keep_purified)
         if "error" not in record:
@@ -169,12 +190,99 @@ def write_artifacts(job_dir: Path, files: dict[str, bytes]) -> None:
             run.path(name).write_bytes(content)
 
 
+def remove_dead_scratch() -> None:
+    """Remove the scratch folders of this host's Ray tasks whose process is dead (a killed worker
+    cannot clean up after itself). Only folders named by ray_job, owned by this user, made on this
+    host by a process that no longer exists; anything else in the temp folder is left alone."""
+    pattern = re.compile(rf"{re.escape(SCRATCH_PREFIX)}(\d+)-(.+)-[A-Za-z0-9_]+")
+    host = socket.gethostname()
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(f"{SCRATCH_PREFIX}*"):
+        match = pattern.fullmatch(folder.name)
+        if not match or match[2] != host or process_alive(int(match[1])):
+            continue
+        if folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def import_ray():
     try:
         import ray
     except ImportError:
         raise UserError(f"the ray backend needs Ray, which is not installed: {RAY_INSTALL}") from None
     return ray
+
+
+def connect(ray, address: str | None) -> None:
+    """ray.init, with the two ways it fails for a user turned into one-line errors within seconds:
+    nothing listening at ``address`` (Ray itself retries for minutes), and a cluster that asks for
+    an authentication token the driver does not send (Ray retries for ~20 s, logging each try)."""
+    if not address:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        return
+    check_reachable(address)
+    with stderr_captured() as captured:  # Ray's C++ client logs every failed try on fd 2
+        try:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+            failure = None
+        except ConnectionError as error:
+            failure = " ".join(str(error).split())[:300]
+    if failure is None:
+        sys.stderr.write(captured[0])  # what Ray said while connecting, as it would have appeared
+        return
+    if "InvalidAuthToken" in captured[0] or "Unauthenticated" in captured[0]:
+        raise UserError(
+            f"the Ray cluster at {address} refused this driver's authentication token: it uses token "
+            "authentication (`ray start` turns it on), so run rnp-fast with RAY_AUTH_MODE=token and the "
+            "cluster's token (in ~/.ray/auth_token, or in RAY_AUTH_TOKEN or the file RAY_AUTH_TOKEN_PATH; "
+            "`ray get-auth-token` on the head node prints it)"
+        )
+    raise UserError(f"cannot connect to the Ray cluster at {address}: {failure}")
+
+
+@contextmanager
+def stderr_captured():
+    """File descriptor 2 into a temporary file for the block; its text is in the yielded list after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode(errors="replace"))
+
+
+def check_reachable(address: str) -> None:
+    """A TCP connection to HOST:PORT (``ray://HOST:PORT`` too) within CONNECT_TIMEOUT_S; other forms
+    of ``--address`` (``auto``) are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\[\]]+?)\]?:(\d+)", address)
+    if not match:
+        return
+    host, port = match[1], int(match[2])
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UserError(
+            f"--address {address}: no Ray cluster reachable there ({reason}); start one with "
+            "`ray start --head` on that machine, or leave --address out to run Ray on this one"
+        ) from None
 
 
 def windowed(jobs: list[Job], window: int, submit, wait_one, events, where: str) -> None:

@@ -39,7 +39,27 @@ METRICS = (
 
 
 def run_job(job: Job, models_dir: Path, job_dir: Path, device: str, keep_purified: bool) -> dict:
-    """The job's record: metrics, timings, device, versions, start and end (Unix time); or its error."""
+    """The job's record: metrics, timings, device, threads, versions, start and end (Unix time); or
+    its error."""
+    with intra_op_threads(job.threads):
+        record = run_job_here(job, models_dir, job_dir, device, keep_purified)
+    return {**record, "threads": job.threads}
+
+
+@contextmanager
+def intra_op_threads(count: int):
+    """torch's intra-op threads set to ``count`` for the job, the caller's restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_job_here(job: Job, models_dir: Path, job_dir: Path, device: str, keep_purified: bool) -> dict:
     started = time.time()
     try:
         model_path, trained = backdoored_model(job, Path(models_dir), device)

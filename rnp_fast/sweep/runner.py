@@ -113,6 +113,10 @@ class Recorder:
 
     def finished(self, job: Job, record: dict) -> None:
         self.ran += 1
+        retries = record.get("tries", 1) - 1  # a backend's own reruns (Ray's, after a lost worker)
+        if retries > 0:
+            self.store.add_attempts(job.hash, retries)
+            self.log.info(f"retry  {job.hash} {job.label()}: started {retries + 1} times (a worker was lost)")
         if "error" in record:
             self.store.mark_failed(job.hash, record["error"], time.time())
             self.log.info(f"FAILED {job.hash} {job.label()}: {record['error']}")

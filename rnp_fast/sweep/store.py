@@ -33,10 +33,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     config      TEXT NOT NULL,             -- JSON, every setting by section
     varied      TEXT NOT NULL,             -- JSON, its value on each axis
     status      TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
-    attempts    INTEGER NOT NULL DEFAULT 0,
+    attempts    INTEGER NOT NULL DEFAULT 0, -- runs started: hand-outs, and a backend's own retries
     metrics     TEXT,                      -- JSON, accuracies and ASR before/after, DER, ...
     timings     TEXT,                      -- JSON, seconds per stage
     device      TEXT,
+    threads     INTEGER,                   -- torch's intra-op threads the job ran with
     versions    TEXT,                      -- JSON
     worker      TEXT,
     error       TEXT,
@@ -45,6 +46,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL
 )
 """
+
+# Columns added after stores existed: added to an older store's table when the driver opens it.
+LATER_COLUMNS = {"threads": "INTEGER"}
 
 
 class ResultsStore:
@@ -63,6 +67,7 @@ class ResultsStore:
             self.connection.execute("PRAGMA synchronous=FULL")
             with self.connection:
                 self.connection.execute(SCHEMA)
+                add_later_columns(self.connection)
         self.connection.row_factory = sqlite3.Row
 
     def close(self) -> None:
@@ -101,15 +106,21 @@ class ResultsStore:
                 (worker, now, job_hash),
             )
 
+    def add_attempts(self, job_hash: str, count: int) -> None:
+        """Runs a backend started on its own (Ray's retries after a lost worker)."""
+        with self.connection:
+            self.connection.execute("UPDATE jobs SET attempts = attempts + ? WHERE hash = ?", (count, job_hash))
+
     def mark_done(self, job_hash: str, record: dict) -> None:
         with self.connection:
             self.connection.execute(
-                "UPDATE jobs SET status = 'done', metrics = ?, timings = ?, device = ?, versions = ?, worker = ?, "
-                "started_at = ?, finished_at = ?, error = NULL WHERE hash = ?",
+                "UPDATE jobs SET status = 'done', metrics = ?, timings = ?, device = ?, threads = ?, versions = ?, "
+                "worker = ?, started_at = ?, finished_at = ?, error = NULL WHERE hash = ?",
                 (
                     dumps(record["metrics"]),
                     dumps(record["timings"]),
                     record["device"],
+                    record.get("threads"),
                     dumps(record["versions"]),
                     record.get("worker"),
                     record["started_at"],
@@ -133,6 +144,13 @@ class ResultsStore:
     def counts(self) -> dict[str, int]:
         found = dict(self.connection.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
         return {status: found.get(status, 0) for status in STATUSES}
+
+
+def add_later_columns(connection: sqlite3.Connection) -> None:
+    present = {row[1] for row in connection.execute("PRAGMA table_info(jobs)")}
+    for name, kind in LATER_COLUMNS.items():
+        if name not in present:
+            connection.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
 
 def dumps(value) -> str:
