@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-ffcv test test-all lint format
+.PHONY: install install-ffcv install-ray test test-ray test-all lint format
 
 install:  ## torch first where it is missing (CPU build here), then the package with dev tools
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -13,8 +13,14 @@ install-ffcv:  ## the optional FFCV extra: ffcv 1.0.2 compiles against these Deb
 	apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev
 	$(PIP) install -e ".[ffcv]"
 
-test:  ## the suite CI runs (no GPU needed; GPU-only tests skip; slow ones deselected)
-	$(PYTHON) -m pytest -q -m "not slow" tests
+install-ray:  ## the optional Ray extra (`rnp-fast sweep --backend ray`)
+	$(PIP) install -e ".[ray]"
+
+test:  ## the suite CI runs (no GPU needed; GPU-only tests skip; slow and Ray-cluster ones deselected)
+	$(PYTHON) -m pytest -q -m "not slow and not ray" tests
+
+test-ray:  ## a Ray cluster on 127.0.0.1: address and auth errors, a killed worker, local == Ray (minutes)
+	$(PYTHON) -m pytest -q -m "ray and not slow" tests
 
 test-all:  ## everything, slow tests included (torch.compile on CPU, Ray, long sweeps)
 	$(PYTHON) -m pytest -q tests

@@ -28,9 +28,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.5"],
-        "triton": ["triton>=3.0"],
-        "ffcv": ["ffcv>=1.0.2"],
-        "ray": ["ray[default]>=2.9"],
+        "triton": ["triton>=3.0"],  # CI: 3.6.0 (the GPU machine's) and the newest
+        "ffcv": ["ffcv>=1.0.2"],  # CI: 1.0.2
+        "ray": ["ray[default]>=2.60,<2.61"],  # what CI runs on a real cluster (.ci/run): 2.60.0
     },
     entry_points={"console_scripts": ["rnp-fast=rnp_fast.cli:main"]},
 )
