@@ -643,10 +643,10 @@ def plan(args: argparse.Namespace, name: str, budget: Budget) -> tuple[float, fl
     estimate = section.dry_s if args.dry_run else section.estimate_s
     later = args.section_list[args.section_list.index(name) + 1 :]
     reserved = sum(SECTIONS[n].dry_s if args.dry_run else SECTIONS[n].estimate_s for n in later if SECTIONS[n].first)
-    usable = budget.left() - (0 if section.first else reserved)
+    usable = budget.left() - reserved
     cap = args.caps.get(name) or (max(4 * section.dry_s, 120) if args.dry_run else section.cap_s)
     if estimate > usable * (2 if section.first else 1):  # a first section is worth a try at half its time
-        kept = f", {reserved:.0f} s kept for the first sections still to come" if reserved and not section.first else ""
+        kept = f", {reserved:.0f} s kept for the first sections still to come" if reserved else ""
         return estimate, cap, f"estimate {estimate:.0f} s > {budget.left():.0f} s left of --budget-s{kept}"
     return estimate, min(cap, usable), None
 
@@ -839,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         report.update(started_at=budget.started_at, sizes=asdict(DRY if args.dry_run else GPU), sections={})
         report.update(caches=private_caches(workdir), auto_table_path=str(args.auto_table))
         probe = Probe(args, device, DRY if args.dry_run else GPU, workdir, budget, budget.deadline(), lambda: None)
-        probe.save = lambda: save_json(json.loads(json.dumps(report, default=str)), args.out)
+        probe.save = lambda: save_json(json.loads(json.dumps(report, default=str)), args.out, kind="probe result")
         probe.checkpoint()
         run_probe(probe, report)
         report["total_s"] = budget.spent()

@@ -133,6 +133,25 @@ def test_the_budget_counts_from_the_wrappers_start(gpu_probe, tmp_path, monkeypa
     assert env["status"] == "skipped" and "--budget-s" in env["reason"]
 
 
+def test_the_first_sections_keep_their_time_on_the_gpu(gpu_probe):
+    """The GPU's plan, the wrapper having spent 30 s: each first section's cap leaves the first ones
+    after it their estimates, and a later section is skipped when only their time would be left."""
+    from rnp_fast.harness.budget import Budget
+
+    args = gpu_probe.parse_args(["--out", "probe.json"])
+    first = [name for name, section in gpu_probe.SECTIONS.items() if section.first]
+    assert first == ["env", "graphs", "kernel", "steps", "e2e"]
+    spent = 30.0
+    for index, name in enumerate(first):
+        estimate, cap, skip = gpu_probe.plan(args, name, Budget(480, time.time() - spent))
+        later = sum(gpu_probe.SECTIONS[n].estimate_s for n in first[index + 1 :])
+        assert skip is None and cap <= 480 - spent - later + 1
+        spent += min(estimate, cap)
+    assert spent <= 480
+    *_, skip = gpu_probe.plan(args, "reference", Budget(480, time.time() - spent))
+    assert skip and "--budget-s" in skip
+
+
 def test_the_wrapper_runs_the_probe_and_refuses_bad_sections(tmp_path):
     out = tmp_path / "probe.json"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
