@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,9 +25,10 @@ from tests_support import TINY_WIDTH
 from rnp_fast.cli import main
 from rnp_fast.config import SweepRunConfig
 from rnp_fast.errors import UserError
+from rnp_fast.sweep.backends import SCRATCH_PREFIX
 from rnp_fast.sweep.runner import run_sweep
 from rnp_fast.sweep.spec import load_sweep
-from rnp_fast.sweep.store import ResultsStore, exclusive, open_existing
+from rnp_fast.sweep.store import SCHEMA, ResultsStore, exclusive, open_existing
 
 NO_RAY = importlib.util.find_spec("ray") is None
 TINY_FIXED = f"""\
@@ -400,3 +402,56 @@ def test_attack_table_checks_the_targets_against_the_clean_baseline(tmp_path):
         [sys.executable, str(script), str(stores["clean"]), str(stores["attacks"])], capture_output=True, text=True
     )
     assert swapped.returncode != 0 and "not a clean baseline" in swapped.stderr
+
+
+# ----------------------------------------------------------------------------- threads, retries, scratch
+
+
+def test_thread_count_is_part_of_a_job(tmp_path):
+    job = load_sweep(write(tmp_path / "s.yaml", TWELVE_JOBS)).jobs[0]
+    assert job.threads == 1
+    two = replace(job, threads=2)
+    assert two.hash != job.hash and two.train_hash != job.train_hash  # another float order: another job
+
+
+def test_store_from_before_thread_counts_gains_the_column(tmp_path):
+    old_schema = re.sub(r"\n\s*threads\s+INTEGER,[^\n]*", "", SCHEMA)
+    assert "threads" not in old_schema
+    connection = sqlite3.connect(tmp_path / "results.sqlite")
+    connection.execute(old_schema)
+    connection.commit()
+    connection.close()
+    jobs = load_sweep(write(tmp_path / "s.yaml", TWELVE_JOBS)).jobs[:1]
+    store = ResultsStore(tmp_path)
+    store.add_jobs(jobs, "s", 1.0)
+    store.mark_running(jobs[0].hash, "here", 2.0)
+    store.add_attempts(jobs[0].hash, 2)  # a backend's own retries
+    record = {"metrics": {}, "timings": {}, "device": "cpu", "threads": 1, "versions": {}}
+    store.mark_done(jobs[0].hash, {**record, "started_at": 2.0, "finished_at": 3.0})
+    [row] = store.rows()
+    assert (row["threads"], row["attempts"], row["status"]) == (1, 3, "done")
+    store.close()
+
+
+def test_only_dead_tasks_scratch_folders_are_removed(tmp_path, monkeypatch):
+    from rnp_fast.sweep import backends
+
+    monkeypatch.setattr(backends.tempfile, "gettempdir", lambda: str(tmp_path))
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists (reused only after the pid range wraps)
+    folders = {
+        "dead": f"{SCRATCH_PREFIX}{dead.pid}-{host}-abc_123",
+        "alive": f"{SCRATCH_PREFIX}{os.getpid()}-{host}-abc_123",
+        "other host": f"{SCRATCH_PREFIX}{dead.pid}-not-{host}-abc_123",
+        "not ours": f"{SCRATCH_PREFIX}notes",
+        "older name": f"{SCRATCH_PREFIX}k2j4h3",
+    }
+    for name in folders.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file").write_text("x")
+    (tmp_path / f"{SCRATCH_PREFIX}{dead.pid}-{host}-file").write_text("a file, not a folder")
+    backends.remove_dead_scratch()
+    left = {p.name for p in tmp_path.iterdir()}
+    assert folders["dead"] not in left
+    assert left == {*folders.values(), f"{SCRATCH_PREFIX}{dead.pid}-{host}-file"} - {folders["dead"]}
