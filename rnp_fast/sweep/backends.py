@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rnp_fast.errors import UserError
-from rnp_fast.outputs import RunDirectory
+from rnp_fast.outputs import RunDirectory, process_alive
 from rnp_fast.sweep.execute import run_job
 from rnp_fast.sweep.job import Job
 
@@ -203,16 +203,6 @@ def remove_dead_scratch() -> None:
             continue
         if folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid():
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def import_ray():
