@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests_support import TINY_WIDTH
+from test_sweep import TINY_FIXED
 
 from rnp_fast.sweep.backends import SCRATCH_PREFIX
 from rnp_fast.sweep.store import open_existing
@@ -44,16 +44,7 @@ HEAD_LIFETIME_S = 1200  # the head stops itself after this, even if the tests' o
 # Ray picks the machine's interface address for its node unless told otherwise; with clusters
 # "disabled" (as on macOS and Windows) every Ray process, the driver included, uses 127.0.0.1.
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-TWO_JOBS = f"""\
-fixed:
-  data: {{dataset: digits, ratio: 0.2, batch_size: 64, augment: false, eval_batch_size: 1024}}
-  model: {{arch: resnet18, width: {TINY_WIDTH}}}
-  train: {{epochs: 1, lr: 0.05}}
-  rnp: {{unlearning_lr: 0.005, unlearning_epochs: 1, recovering_epochs: 1, pruning_step: 0.3}}
-  engine: {{mode: fast}}
-axes:
-  rnp.alpha: [0.2, 0.5]
-"""
+TWO_JOBS = TINY_FIXED + "axes:\n  rnp.alpha: [0.2, 0.5]\n"  # one backdoored model, two defenses
 
 
 @dataclass
