@@ -49,7 +49,7 @@ from rnp_fast.engine import (
 from rnp_fast.errors import UserError
 from rnp_fast.kernels import auto_table, masked_batch_norm_reference, triton_available
 from rnp_fast.learning import build_stage, recover_recipe
-from rnp_fast.masked_bn import MaskedBatchNorm2d, masked_batchnorm_layers
+from rnp_fast.masked_batchnorm import MaskedBatchNorm2d, masked_batchnorm_layers
 from rnp_fast.models import ARCHITECTURES, build_model
 from rnp_fast.provenance import provenance
 

@@ -24,7 +24,7 @@ from bench_scoring import PROVIDERS, random_masks, scorer, threshold_steps
 
 from rnp_fast import harness
 from rnp_fast.data import defense_data
-from rnp_fast.masked_bn import MaskedBatchNorm2d
+from rnp_fast.masked_batchnorm import MaskedBatchNorm2d
 from rnp_fast.recover import recover
 from rnp_fast.unlearn import unlearn
 

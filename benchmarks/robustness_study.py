@@ -49,7 +49,7 @@ from rnp_fast.diagnostics import per_class_accuracy, predicted_class_histogram, 
 from rnp_fast.evaluation.metrics import Outputs, metrics_from_outputs
 from rnp_fast.evaluation.scoring import batched_test_logits, prune_set
 from rnp_fast.loaders.sources import ImageSet
-from rnp_fast.masked_bn import MaskedBatchNorm2d, masked_batchnorm_layers
+from rnp_fast.masked_batchnorm import MaskedBatchNorm2d, masked_batchnorm_layers
 from rnp_fast.prune import Channel, PruneStep, make_step, rank_channels, threshold_schedule
 from rnp_fast.recover import recover
 from rnp_fast.resolved import resolve_run

@@ -2,7 +2,7 @@
 
     y = F.batch_norm(x, running_mean, running_var, weight * mask, bias, training, momentum, eps)
 
-This is exactly what ``rnp_fast.masked_bn.MaskedBatchNorm2d`` computes without the fused
+This is exactly what ``rnp_fast.masked_batchnorm.MaskedBatchNorm2d`` computes without the fused
 operator, so it is also the eager baseline the benchmarks time.
 """
 

@@ -61,6 +61,15 @@ def crop_flip_image(image: np.ndarray, offset: tuple[int, int], flip: bool) -> n
     return out[:, :, ::-1] if flip else out
 
 
+def normalisation(mean, std, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel mean and std (numbers, one per channel) as float32 tensors on ``device``:
+    the one place they are built, so every path normalises with the very same values."""
+    return (
+        torch.as_tensor(mean, dtype=torch.float32).to(device),
+        torch.as_tensor(std, dtype=torch.float32).to(device),
+    )
+
+
 def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 -> float32 ``(x / 255 - mean) / std``, the ToTensor + Normalize arithmetic."""
     return images.float().div(255.0).sub(mean.view(1, -1, 1, 1)).div(std.view(1, -1, 1, 1))

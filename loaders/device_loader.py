@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from rnp_fast.attacks.base import PoisonPlan
-from rnp_fast.loaders.augment import crop_flip_batch, draw_params, mix_seed, normalise
+from rnp_fast.loaders.augment import crop_flip_batch, draw_params, mix_seed, normalisation, normalise
 from rnp_fast.loaders.sources import ImageSet
 
 ORDER_STREAM = 1  # separate seed streams for order and augmentation
@@ -39,8 +39,7 @@ class OnDeviceBatches:
     ):
         self.count = count
         self.device = torch.device(device)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.mean, self.std = normalisation(mean, std, self.device)
         self.batch_size, self.shuffle, self.augment, self.seed = batch_size, shuffle, augment, seed
         self.poison = poison.to(self.device) if poison is not None else None
         self.channels_last = channels_last

@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 # CLI's start do not pay for torch before they need it.
 PUBLIC = {
     "DefenseResult": "rnp_fast.api",
-    "Step": "rnp_fast.api",
+    "ScoredStep": "rnp_fast.api",
+    "Step": "rnp_fast.api",  # ScoredStep's name in 0.1.0
     "defend": "rnp_fast.api",
     "learn_masks": "rnp_fast.api",
     "prune_model": "rnp_fast.api",

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
-from rnp_fast.data import defense_data
-from rnp_fast.defense import DefendJob, Defense, Inputs, compute_defense, finish, write_results, write_summary
-from rnp_fast.defense import learn_masks as learn_channel_masks
+from rnp_fast.defense import DefendJob, Defense, compute_defense, write_results, write_summary
+from rnp_fast.defense_stages import Inputs, load_defense_data, recover_stage, unlearn_stage
 from rnp_fast.device import resolve_device
 from rnp_fast.errors import UserError
 from rnp_fast.evaluation.metrics import Metrics
@@ -43,7 +42,7 @@ RESOLVED_BEFORE = [0]  # runs this process has resolved through the API
 
 
 @dataclass
-class Step:
+class ScoredStep:
     """One candidate of the pruning schedule and what scoring it gave."""
 
     label: float  # the threshold (or the channel count with pruning_by="number")
@@ -52,11 +51,14 @@ class Step:
     holdout_acc: float  # clean accuracy on the held-out defense images (the threshold rule's data)
 
 
+Step = ScoredStep  # its name in rnp_fast 0.1.0
+
+
 @dataclass
 class DefenseResult:
     model: nn.Module  # the purified model: a copy of the caller's, same class and state_dict keys
     masks: dict[str, torch.Tensor]  # BatchNorm layer name -> mask value per channel (float32, CPU)
-    steps: list[Step]
+    steps: list[ScoredStep]
     threshold: float | None  # the chosen threshold (summary["rule"] says how it was chosen)
     summary: dict  # what summary.json holds
     defense: Defense = field(repr=False)
@@ -96,9 +98,8 @@ def defend(
     started = time.perf_counter()
     job, run = python_run(model, defense, mean, std, test, poisoned, rnp, data, engine)
     log = RunLog(None, job.engine.quiet, keep=True)
-    run.warn = log.info
-    computed = compute_defense(job, run, Inputs(run.new_model()), log, started)
-    summary = finish(computed, started)
+    computed = compute_defense(job, run, Inputs(run.new_model()), log=log, started=started)
+    summary = computed.summary()
     return DefenseResult(
         model=purified_copy(model, computed.purified),
         masks=masks_of(computed.channels),
@@ -122,12 +123,12 @@ def learn_masks(
 ) -> dict[str, torch.Tensor]:
     """RNP's first two stages alone: unlearn a copy of ``model`` on ``defense``, then recover the
     masks; returns {BatchNorm layer name: mask value per channel}. Arguments as for `defend`."""
+    started = time.perf_counter()
     job, run = python_run(model, defense, mean, std, None, None, rnp, data, engine)
-    log = RunLog(None, job.engine.quiet)
-    run.warn = log.info
-    defense_set = defense_data(run.source, job.data)
-    channels = learn_channel_masks(job, run, Inputs(run.new_model()), defense_set, log, {}, {})
-    return masks_of(channels)
+    log, inputs = RunLog(None, job.engine.quiet), Inputs(run.new_model())
+    loaded = load_defense_data(job, run, None, log, started)
+    unlearned = unlearn_stage(job, run, inputs, loaded, log)
+    return masks_of(recover_stage(job, run, inputs, unlearned, loaded, log).channels)
 
 
 def prune_model(
@@ -237,9 +238,9 @@ def channels_of(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[Channe
     return channels
 
 
-def steps_of(computed: Defense) -> list[Step]:
+def steps_of(computed: Defense) -> list[ScoredStep]:
     pruning = computed.pruning
     return [
-        Step(step.label, [(c.layer, c.index) for c in step.channels], metrics, holdout)
+        ScoredStep(step.label, [(c.layer, c.index) for c in step.channels], metrics, holdout)
         for step, metrics, holdout in zip(pruning.steps, pruning.metrics, pruning.holdout, strict=True)
     ]

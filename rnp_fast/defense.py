@@ -1,9 +1,12 @@
-"""The whole defense: load, unlearn, recover, prune, choose, save.
+"""The whole defense: resolve, load, unlearn, recover, score, choose, purify, write.
+
+`run_defense` (the CLI's) and `compute_defense` (the part that computes, shared with the Python API
+and with repeated defenses in one process) read top to bottom, one stage a line; the stages are in
+`defense_stages`, each returning a small frozen result with its own timing.
 
 Everything that can be checked (output path, configuration, model file, masks, data) is checked
 before the run directory is created; the run directory itself is written atomically (`outputs`).
-The computation (`compute_defense`) is apart from the writing (`write_results`, `write_summary`):
-the CLI writes at once, the Python API (`api`) when its caller saves the result.
+The CLI writes at once, the Python API (`api`) when its caller saves the result.
 
 In the fast mode the model before the defense and the purified model are two of the pruning
 candidates (the unpruned one and the chosen one): their metrics come from the same scoring pass,
@@ -13,11 +16,8 @@ separately, as the reference does.
 
 from __future__ import annotations
 
-import copy
-import math
 import time
-import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,40 +26,32 @@ from torch import nn
 from rnp_fast import __version__
 from rnp_fast.checkpoint import save_reference_checkpoint, save_safetensors
 from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig, to_dict
-from rnp_fast.data import DefenseData, defense_data
+from rnp_fast.defense_stages import (
+    Before,
+    Inputs,
+    LoadedData,
+    Pruning,
+    Recovered,
+    Timings,
+    Unlearned,
+    choose,
+    load_defense_data,
+    purify,
+    recover_stage,
+    reference_before,
+    score_candidates,
+    score_tests,
+    unlearn_stage,
+)
 from rnp_fast.device import describe_device
-from rnp_fast.errors import UserError
-from rnp_fast.evaluation.metrics import Metrics, defense_effectiveness
-from rnp_fast.evaluation.scoring import holdout_accuracies, samples_independent, score_steps
+from rnp_fast.evaluation.metrics import defense_effectiveness
 from rnp_fast.loaders.sources import DataSource
-from rnp_fast.masked_bn import MaskedBatchNorm2d
 from rnp_fast.outputs import RunDirectory, vet_output
-from rnp_fast.provenance import versions
-from rnp_fast.prune import (
-    Channel,
-    PruneStep,
-    batchnorm_sizes,
-    prune_,
-    rank_channels,
-    schedule,
-    single_threshold_step,
-)
-from rnp_fast.recover import recover
-from rnp_fast.report import (
-    EPOCH_HEADER,
-    epoch_row,
-    format_mask_values,
-    format_pruning_csv,
-    format_pruning_table,
-    plot_pruning,
-    read_mask_file,
-)
+from rnp_fast.provenance import provenance
+from rnp_fast.prune import Channel, PruneStep, batchnorm_sizes
+from rnp_fast.report import format_mask_values, format_pruning_csv, format_pruning_table, plot_pruning, read_mask_file
 from rnp_fast.resolved import ResolvedRun, resolve_run
 from rnp_fast.runlog import RunLog
-from rnp_fast.select import Choice, choose_step
-from rnp_fast.unlearn import unlearn
-
-UNPRUNED = PruneStep(label=float("nan"), count=0, channels=[])
 
 
 @dataclass
@@ -79,26 +71,48 @@ class DefendJob:
         return [self.model_path, self.mask_file, self.unlearned_model, self.data.data_dir, *self.attack.files()]
 
 
-@dataclass
-class Inputs:
-    """The models and masks a defense starts from (checked before the run directory exists)."""
+def run_defense(job: DefendJob, reuse: bool = False, source: DataSource | None = None) -> dict:
+    """RNP end to end; returns the summary (also written to ``summary.json``). ``reuse``: this
+    process will defend again (a sweep, a benchmark), where compiling the steps pays back.
+    ``source``: the data instead of ``job.data.dataset`` (the harness's reduced test split)."""
+    started = time.perf_counter()
+    vet_output(job.out, job.reads())  # before any work: never replace what rnp-fast did not make
+    run = resolve_run(job.model, job.data, job.attack, job.engine, reuse=reuse, source=source)
+    inputs = load_inputs(job, run)
+    with RunDirectory(job.out, job.reads(), kind="defense run") as out:
+        log = RunLog(out.path("output.log"), job.engine.quiet)
+        try:
+            defense = compute_defense(job, run, inputs, log=log, started=started)
+            return write_defense(out, defense, started)
+        finally:
+            log.close()
 
-    backdoored: nn.Module
-    unlearned: nn.Module | None = None
-    channels: list[Channel] | None = None
 
-
-@dataclass
-class Pruning:
-    """What scoring the schedule gives: per-step metrics, the choice, and before/after."""
-
-    steps: list[PruneStep]
-    metrics: list[Metrics]
-    holdout: list[float]
-    choice: Choice
-    chosen: PruneStep | None
-    before: Metrics
-    after: Metrics
+def compute_defense(
+    job: DefendJob,
+    run: ResolvedRun,
+    inputs: Inputs,
+    seed: int | None = None,
+    log: RunLog | None = None,
+    started: float | None = None,
+) -> Defense:
+    """Everything but the files, one stage a line. ``seed``: the defense data's (subset, order,
+    augmentation; default the job's), so one process can repeat the defense on other data with
+    the run resolved, the inputs loaded and the steps compiled once; ``inputs`` are left unchanged.
+    ``log``: default a quiet one in memory; ``started``: what the timings count from (default now)."""
+    log = log or RunLog(None, quiet=True)
+    started = time.perf_counter() if started is None else started
+    log_setup(log, job, run)
+    loaded = load_defense_data(job, run, seed, log, started)
+    before = reference_before(job, run, inputs.backdoored, log)
+    unlearned = unlearn_stage(job, run, inputs, loaded, log)
+    recovered = recover_stage(job, run, inputs, unlearned, loaded, log)
+    candidates = score_candidates(job, run, inputs.backdoored, recovered.channels, loaded.data, log)
+    chosen = choose(job, candidates)
+    pruning = score_tests(job, run, inputs.backdoored, candidates, chosen, before, log)
+    purified = purify(inputs.backdoored, chosen.step)
+    seconds = time.perf_counter() - started
+    return Defense(job, run, loaded, before, unlearned, recovered, pruning, purified, seconds)
 
 
 def load_inputs(job: DefendJob, run: ResolvedRun) -> Inputs:
@@ -108,85 +122,47 @@ def load_inputs(job: DefendJob, run: ResolvedRun) -> Inputs:
     return Inputs(backdoored, unlearned, channels)
 
 
-@dataclass
-class Defense:
-    """What a defense computed, before any file is written (the CLI writes it at once, the Python
-    API when its caller saves the result)."""
-
-    job: DefendJob
-    run: ResolvedRun
-    data: DefenseData
-    channels: list[Channel]
-    pruning: Pruning
-    purified: nn.Module
-    stop: dict
-    timings: dict[str, float]
-
-
-def run_defense(job: DefendJob, reuse: bool = False, source: DataSource | None = None) -> dict:
-    """Run RNP end to end; returns the summary (also written to ``summary.json``). ``reuse``: this
-    process will defend again (a sweep, a benchmark), where compiling the steps pays back.
-    ``source``: the data instead of ``job.data.dataset`` (a benchmark's reduced test split)."""
-    started = time.perf_counter()
-    vet_output(job.out, job.reads())  # before any work: never replace what rnp-fast did not make
-    run = resolve_run(job.model, job.data, job.attack, job.engine, reuse=reuse, source=source)
-    inputs = load_inputs(job, run)
-    with RunDirectory(job.out, job.reads(), kind="defense run") as out:
-        log = RunLog(out.path("output.log"), job.engine.quiet)
-        run.warn = log.info
-        try:
-            defense = compute_defense(job, run, inputs, log, started)
-            write_results(out, defense)
-            summary = finish(defense, started)
-            write_summary(out, defense, summary)
-            return summary
-        finally:
-            log.close()
-
-
-def compute_defense(job: DefendJob, run: ResolvedRun, inputs: Inputs, log: RunLog, started: float) -> Defense:
-    """Unlearn, recover (unless masks were given), prune, score and choose: everything but the files."""
-    log_setup(log, job, run)
-    log.info("----------- Data Initialization --------------")
-    run.tests  # noqa: B018 - poison and place the test sets now: their time is part of "data"
-    defense = defense_data(run.source, job.data)
-    timings: dict[str, float] = {"data": time.perf_counter() - started}
-    log.info("----------- Backdoor Model Initialization --------------")
-    log.info(f"{len(defense.train)} defense images, {len(defense.holdout)} held out")
-    check_batched_scoring(run, inputs.backdoored, defense, log)
-    separate_before = reference_before(job, run, inputs.backdoored, log, timings)
-    stop = {"stop_epoch": None, "reached_threshold": None, "diverged_epoch": None}
-    channels = inputs.channels
-    if channels is None:
-        channels = learn_masks(job, run, inputs, defense, log, timings, stop)
-    pruning = prune_and_choose(job, run, inputs.backdoored, channels, defense, separate_before, log, timings)
-    purified = prune_(copy.deepcopy(inputs.backdoored), pruning.chosen.channels if pruning.chosen else [])
-    return Defense(job, run, defense, channels, pruning, purified, stop, timings)
-
-
 def log_setup(log: RunLog, job: DefendJob, run: ResolvedRun) -> None:
     log.info(f"rnp_fast {__version__} on {describe_device(run.device)}, mode {job.engine.mode}")
     log.info(f"engine: {run.engine.describe()}")
-    for reason in run.engine.reasons:
+    for reason in (*run.engine.reasons, *run.notes):
         log.info(reason)
 
 
-def check_batched_scoring(run: ResolvedRun, model: nn.Module, defense: DefenseData, log: RunLog) -> None:
-    """Batched scoring folds the candidates into the batch, so it needs a model whose eval-mode
-    forward treats samples independently: the zoo's staged models do by construction; any other
-    model is checked once on a few defense images, and scored sequentially if it fails."""
-    if not run.scoring().batched or callable(getattr(model, "stages", None)):
-        return
-    images = defense.train.images[:4].to(run.device)
-    if samples_independent(model, images, run.mean, run.std):
-        return
-    message = (
-        f"{type(model).__name__}'s eval-mode outputs depend on the other samples of a batch, so pruning "
-        "candidates are scored sequentially (slower) instead of batched"
-    )
-    log.info(f"WARNING: {message}")
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
-    run.engine_config = replace(run.engine_config, scoring="sequential")
+@dataclass(frozen=True)
+class Defense:
+    """What a defense computed, before any file is written (the CLI writes it at once, the Python
+    API when its caller saves the result), stage by stage."""
+
+    job: DefendJob
+    run: ResolvedRun
+    loaded: LoadedData
+    before: Before
+    unlearned: Unlearned
+    recovered: Recovered
+    pruning: Pruning
+    purified: nn.Module
+    seconds: float  # from the start until the defense was computed
+
+    @property
+    def channels(self) -> list[Channel]:
+        return self.recovered.channels
+
+    @property
+    def timings(self) -> Timings:
+        return Timings.of(self.loaded, self.before, self.unlearned, self.recovered, self.pruning)
+
+    def summary(self, total: float | None = None) -> dict:
+        """What summary.json holds; ``total``: the run's seconds (default: until computed)."""
+        return make_summary(self, self.seconds if total is None else total)
+
+
+def write_defense(out: RunDirectory, defense: Defense, started: float) -> dict:
+    """Every file of the run directory; the summary's total counts until the results are written."""
+    write_results(out, defense)
+    summary = defense.summary(time.perf_counter() - started)
+    write_summary(out, defense, summary)
+    return summary
 
 
 def write_results(out: RunDirectory, defense: Defense) -> None:
@@ -195,157 +171,9 @@ def write_results(out: RunDirectory, defense: Defense) -> None:
     write_outputs(out, defense.job, defense.pruning, defense.purified)
 
 
-def finish(defense: Defense, started: float) -> dict:
-    """The summary, with the time from ``started`` until now as the total."""
-    defense.timings["total"] = time.perf_counter() - started
-    return make_summary(defense.job, defense.pruning, defense.stop, defense.timings, defense.run, defense.data)
-
-
 def write_summary(out: RunDirectory, defense: Defense, summary: dict) -> None:
     out.write_json("summary.json", summary)
     out.write_json("config.json", resolved_config(defense.job, defense.run.device))
-
-
-def reference_before(job, run: ResolvedRun, backdoored, log, timings) -> Metrics | None:
-    """The reference mode scores the backdoored model first, on its own, as the reference does."""
-    if job.engine.mode != "reference":
-        return None
-    tick = time.perf_counter()
-    before = run.evaluator()(backdoored)
-    timings["model_eval"] = time.perf_counter() - tick
-    log.info(f"before defense: clean {before.clean_acc:.4f}, ASR {before.asr:.4f}")
-    return before
-
-
-def prune_and_choose(job, run: ResolvedRun, backdoored, channels, defense: DefenseData, before, log, timings):
-    tick = time.perf_counter()
-    log.info("----------- Backdoored Model Pruning --------------")
-    ranked = rank_channels(channels)
-    steps = schedule(ranked, job.rnp.pruning_by, job.rnp.pruning_max, job.rnp.pruning_step)
-    scoring = run.scoring()
-    base_holdout, holdout = holdout_accuracies(
-        backdoored, steps, defense.rule_images, run.source.mean, run.source.std, scoring
-    )
-    choice, chosen = pick(job, steps, ranked, base_holdout, holdout, defense.rule_data)
-    if before is None:  # fast mode: before and after are candidates of the same pass
-        extra = [chosen] if chosen is not None else []
-        scored = score_steps(backdoored, [UNPRUNED, *steps, *extra], run.tests, scoring)
-        before, metrics = scored[0], scored[1 : 1 + len(steps)]
-        after = scored[-1] if chosen is not None else before
-    else:
-        metrics = score_steps(backdoored, steps, run.tests, scoring)
-        after = separate_after(run, backdoored, chosen, timings)
-    for step, metric in zip(steps, metrics, strict=True):
-        log.info(f"{step.label:.4g} \t pruned {step.count} \t ASR {metric.asr:.4f} \t clean {metric.clean_acc:.4f}")
-    timings["prune_eval"] = time.perf_counter() - tick - timings.get("after_eval", 0.0)
-    if job.rnp.threshold is None and not len(defense.holdout):
-        log.info(
-            "WARNING: no defense images are held out (--holdout), so the threshold is chosen on the training images"
-        )
-    log.info(f"threshold rule: {choice.rule}")
-    log.info(f"before defense: clean {before.clean_acc:.4f}, ASR {before.asr:.4f}")
-    log.info(f"after defense: clean {after.clean_acc:.4f}, ASR {after.asr:.4f}, {chosen.count if chosen else 0} pruned")
-    return Pruning(steps, metrics, holdout, choice, chosen, before, after)
-
-
-def separate_after(run: ResolvedRun, backdoored, chosen: PruneStep | None, timings) -> Metrics:
-    tick = time.perf_counter()
-    after = run.evaluator()(prune_(copy.deepcopy(backdoored), chosen.channels if chosen else []))
-    timings["after_eval"] = time.perf_counter() - tick
-    timings["model_eval"] = timings.get("model_eval", 0.0) + timings["after_eval"]
-    return after
-
-
-def learn_masks(job, run: ResolvedRun, inputs: Inputs, defense: DefenseData, log, timings, stop) -> list[Channel]:
-    """Unlearning (unless an unlearned model was given) then recovering; returns mask values."""
-    eval_every = job.engine.eval_every if job.engine.eval_every or job.engine.mode == "fast" else 1
-    loader = run.defense_loader(defense.train)
-    reporter = EpochReporter(log, run.epoch_evaluator(), eval_every)
-    unlearned = inputs.unlearned
-    if unlearned is None:
-        unlearned = unlearning(job, run, inputs.backdoored, loader, reporter, log, timings, stop)
-    tick = time.perf_counter()
-    log.info("----------- Model Recovering --------------")
-    log.info(EPOCH_HEADER)
-    masked = run.new_model(MaskedBatchNorm2d)
-    sample = next(iter(loader))[0] if run.engine.bn_kernel == "auto" else None
-    bar = log.bar(job.rnp.recovering_epochs, "recovering")
-    result = recover(masked, unlearned, loader, job.rnp, reporter.callback(bar), run.engine, sample)
-    bar.close()
-    timings["recover"] = time.perf_counter() - tick - reporter.take_seconds()
-    timings["recover_first_step"] = result.step_timings.first_call_seconds
-    timings["epoch_eval"] = reporter.total_seconds
-    timings["batches"] = reporter.data_seconds  # part of unlearn and recover
-    bad = [c for c in result.channels if not math.isfinite(c.value)]  # one float each: no tensor per channel
-    if bad:
-        raise UserError(
-            f"recovering produced non-finite masks (e.g. {bad[0].layer}[{bad[0].index}]); lower --recovering-lr"
-        )
-    return result.channels
-
-
-def unlearning(job, run: ResolvedRun, backdoored, loader, reporter, log, timings, stop) -> nn.Module:
-    tick = time.perf_counter()
-    log.info(EPOCH_HEADER)
-    log.info("----------- Model Unlearning --------------")
-    bar = log.bar(job.rnp.unlearning_epochs + 1, "unlearning")
-    result = unlearn(backdoored, loader, job.rnp, reporter.callback(bar), run.engine)
-    bar.close()
-    stop.update(stop_epoch=result.stop_epoch, reached_threshold=result.reached_threshold)
-    stop["diverged_epoch"] = result.diverged_epoch
-    if result.diverged_epoch is not None:
-        log.info(
-            f"WARNING: unlearning diverged in epoch {result.diverged_epoch} (non-finite loss or weights); "
-            f"continuing with the state after epoch {result.stop_epoch}. Lower --unlearning-lr."
-        )
-    elif not result.reached_threshold:
-        log.info(
-            f"WARNING: training accuracy never reached --clean-threshold {job.rnp.clean_threshold} in "
-            f"{job.rnp.unlearning_epochs + 1} epochs; continuing with the last unlearned state"
-        )
-    timings["unlearn"] = time.perf_counter() - tick - reporter.take_seconds()
-    timings["unlearn_first_step"] = result.step_timings.first_call_seconds
-    stop["compile_warm"] = result.step_timings.warm
-    return result.model
-
-
-class EpochReporter:
-    """Logs the reference's per-epoch row, evaluating both test sets every ``eval_every`` epochs."""
-
-    def __init__(self, log: RunLog, evaluator, eval_every: int):
-        self.log, self.evaluator, self.eval_every = log, evaluator, eval_every
-        self.pending_seconds = self.total_seconds = 0.0  # evaluation time, kept apart from training's
-        self.data_seconds = 0.0  # time the training loops waited for batches
-
-    def take_seconds(self) -> float:
-        seconds, self.pending_seconds = self.pending_seconds, 0.0
-        return seconds
-
-    def evaluate(self, model):
-        tick = time.perf_counter()
-        metrics = self.evaluator(model)
-        seconds = time.perf_counter() - tick
-        self.pending_seconds += seconds
-        self.total_seconds += seconds
-        return metrics
-
-    def callback(self, bar):
-        def on_epoch(model, stats):
-            due = self.eval_every and stats.epoch % self.eval_every == 0
-            metrics = self.evaluate(model) if due else None
-            self.data_seconds += stats.data_seconds
-            self.log.info(epoch_row(stats.epoch, stats.lr, stats.seconds, stats.loss, stats.acc, metrics))
-            bar.update(1)
-
-        return on_epoch
-
-
-def pick(job: DefendJob, steps, ranked, base_holdout, holdout, data: str) -> tuple[Choice, PruneStep | None]:
-    if job.rnp.threshold is not None:
-        step = single_threshold_step(ranked, job.rnp.threshold)
-        return Choice(None, f"fixed --threshold {job.rnp.threshold}"), step
-    choice = choose_step(holdout, base_holdout, job.rnp.tolerance, [s.label for s in steps], data)
-    return choice, steps[choice.index] if choice.index is not None else None
 
 
 def write_outputs(out: RunDirectory, job: DefendJob, pruning: Pruning, purified: nn.Module) -> None:
@@ -368,7 +196,8 @@ def save_purified(out: RunDirectory, model: nn.Module, chosen: PruneStep | None,
     save_reference_checkpoint(state, out.path("purified.pth"), **info)
 
 
-def make_summary(job: DefendJob, pruning: Pruning, stop, timings, run: ResolvedRun, defense: DefenseData) -> dict:
+def make_summary(defense: Defense, total: float) -> dict:
+    job, pruning, unlearned = defense.job, defense.pruning, defense.unlearned
     before, after, chosen = pruning.before, pruning.after, pruning.chosen
     by_threshold = job.rnp.pruning_by == "threshold"
     return {
@@ -385,26 +214,26 @@ def make_summary(job: DefendJob, pruning: Pruning, stop, timings, run: ResolvedR
         "pruned": chosen.count if chosen else 0,
         "pruning_by": job.rnp.pruning_by,
         "rule": pruning.choice.rule,
-        "rule_data": None if job.rnp.threshold is not None else defense.rule_data,
-        "unlearning_stop_epoch": stop["stop_epoch"],
-        "unlearning_reached_threshold": stop["reached_threshold"],
-        "unlearning_diverged_epoch": stop["diverged_epoch"],
-        "seconds": timings["total"],
-        "timings": timings,
-        "engine": engine_summary(run, stop),
+        "rule_data": None if job.rnp.threshold is not None else defense.loaded.data.rule_data,
+        "unlearning_stop_epoch": unlearned.stop_epoch,
+        "unlearning_reached_threshold": unlearned.reached_threshold,
+        "unlearning_diverged_epoch": unlearned.diverged_epoch,
+        "seconds": total,
+        "timings": {**defense.timings.as_dict(), "total": total},
+        "engine": engine_summary(defense.run, unlearned.compile_warm),
         "mode": job.engine.mode,
-        "device": describe_device(run.device),
+        "device": describe_device(defense.run.device),
     }
 
 
-def engine_summary(run: ResolvedRun, stop: dict) -> dict:
+def engine_summary(run: ResolvedRun, compile_warm: bool) -> dict:
     """What ran accelerated, and whether compiled code came warm from this process's cache."""
     engine = run.engine
     return {
         "compile": engine.compile,
         "cuda_graphs": engine.cuda_graphs,
         "amp": str(engine.amp).removeprefix("torch.") if engine.amp else None,
-        "compile_cache": ("warm, in-process" if stop.get("compile_warm") else "cold") if engine.compile else None,
+        "compile_cache": ("warm, in-process" if compile_warm else "cold") if engine.compile else None,
         "reasons": list(engine.reasons),
     }
 
@@ -421,6 +250,5 @@ def resolved_config(job: DefendJob, device: torch.device) -> dict:
         "mask_file": job.mask_file,
         "unlearned_model": job.unlearned_model,
         **to_dict(*sections),
-        "versions": versions(),
-        "device": describe_device(device),
+        **provenance(device),
     }

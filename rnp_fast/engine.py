@@ -48,12 +48,6 @@ class EngineSettings:
     compile_backend: object = "inductor"  # tests count graphs with a backend of their own
     reasons: tuple[str, ...] = field(default=(), compare=False)  # why compile / CUDA graphs are on or off
 
-    def autocast(self, device: torch.device, cache: bool = True):
-        """The engine's precision; ``cache=False`` inside CUDA-graph captures (required there)."""
-        if not self.amp:
-            return nullcontext()
-        return torch.autocast(device.type, dtype=self.amp, cache_enabled=cache)
-
     def describe(self) -> str:
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[self.amp]
         rows = self.eval_rows or "--eval-batch-size"
@@ -186,7 +180,7 @@ def make_deterministic() -> None:
 def apply_engine(model: nn.Module, settings: EngineSettings, sample: torch.Tensor | None = None) -> nn.Module:
     """Layout and BatchNorm kernel choice, in place (the weights are unchanged). ``sample``: one
     input batch, which tells the `auto` kernel choice the shape of every masked layer."""
-    from rnp_fast.masked_bn import choose_bn_kernels
+    from rnp_fast.masked_batchnorm import choose_bn_kernels
 
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -212,8 +206,9 @@ def to_layout(images: torch.Tensor, settings: EngineSettings) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if settings.channels_last else images
 
 
-def sgd(parameters, device: torch.device, **options) -> torch.optim.SGD:
-    """SGD with one fused kernel for the whole update on CUDA (no per-parameter launches)."""
-    if device.type == "cuda":
-        return torch.optim.SGD(parameters, fused=True, **options)
-    return torch.optim.SGD(parameters, **options)
+def autocast(device: torch.device, amp: torch.dtype | None, cache: bool = True):
+    """Precision ``amp`` (None: float32) for code run on ``device``: every learning step and every
+    evaluation enters its precision here. ``cache=False`` inside CUDA-graph captures (required there)."""
+    if not amp:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=amp, cache_enabled=cache)

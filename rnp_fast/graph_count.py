@@ -7,8 +7,9 @@ batches of 8 (8, 8, 4): the full batches take the compiled graph, the partial la
 eagerly, and nothing may compile again after the first epoch. Unlearning and training run the
 plain BatchNorm model; recovering runs the masked model with the BatchNorm kernel of the engine.
 
-Shared by ``tests/test_compile_graphs.py`` (on the CPU) and ``benchmarks/gpu_probe.py`` (on the
-GPU, where the fused operator is the Triton one).
+The steps come from the stage builder (`learning.build_stage`) with the default configuration's
+recipes, so the count is of the step the product runs. Shared by ``tests/test_compile_graphs.py``
+(on the CPU) and ``benchmarks/gpu_probe.py`` (on the GPU, where the fused operator is the Triton one).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rnp_fast.engine import EngineSettings, apply_engine, sgd
-from rnp_fast.masked_bn import MaskedBatchNorm2d, mask_clamp
+from rnp_fast.config import RNPConfig, TrainConfig
+from rnp_fast.engine import EngineSettings
+from rnp_fast.learning import StageRecipe, build_stage, recover_recipe, train_recipe, unlearn_recipe
+from rnp_fast.masked_batchnorm import MaskedBatchNorm2d
 from rnp_fast.models import build_model
-from rnp_fast.steps import TRAIN, make_step, recover_recipe, unlearn_recipe
 
 CPU = torch.device("cpu")
 BATCH, IMAGES, EPOCHS = 8, 20, 3
@@ -57,6 +59,15 @@ def batches(seed: int = 0, device: torch.device = CPU, size: int = 16):
     return [(images[i : i + BATCH], labels[i : i + BATCH]) for i in range(0, IMAGES, BATCH)]
 
 
+def stage_recipe(stage: str) -> StageRecipe:
+    """The product's recipe of ``stage`` with the default configuration's settings."""
+    if stage == "unlearn":
+        return unlearn_recipe(RNPConfig())
+    if stage == "recover":
+        return recover_recipe(RNPConfig())
+    return train_recipe(TrainConfig(), steps_per_epoch=-(-IMAGES // BATCH))
+
+
 def stage_step(
     stage: str,
     engine: EngineSettings,
@@ -64,18 +75,11 @@ def stage_step(
     device: torch.device = CPU,
     width: float = TINY_WIDTH,
 ):
-    """The step of ``stage`` on a zoo model, built as unlearn / recover / train build it."""
+    """The step of ``stage`` on a zoo model, from the stage builder the product uses."""
     torch.manual_seed(0)
-    if stage == "recover":
-        model = build_model(arch, 10, width, MaskedBatchNorm2d).to(device).train()
-        apply_engine(model, engine)
-        masks = [p for name, p in model.named_parameters() if name.endswith("neuron_mask")]
-        optimizer = sgd(masks, device, lr=0.2, momentum=0.9)
-        return make_step(model, optimizer, recover_recipe(0.2), engine, BATCH, mask_clamp(masks, engine))
-    model: nn.Module = apply_engine(build_model(arch, 10, width).to(device).train(), engine)
-    optimizer = sgd(model.parameters(), device, lr=0.01, momentum=0.9)
-    recipe = unlearn_recipe() if stage == "unlearn" else TRAIN
-    return make_step(model, optimizer, recipe, engine, BATCH)
+    norm_layer = MaskedBatchNorm2d if stage == "recover" else nn.BatchNorm2d
+    model = build_model(arch, 10, width, norm_layer).to(device)
+    return build_stage(stage_recipe(stage), model, engine, BATCH).step
 
 
 def graphs_per_epoch(stage: str, engine: EngineSettings, counter, arch: str = "preactresnet18", **model) -> list[int]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 # step(images, labels) -> (summed loss over the batch, number of correct predictions), both tensors
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+LearningStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -25,7 +25,7 @@ class EpochStats:
     data_seconds: float = 0.0  # host time spent waiting for batches (loading, augmenting, poisoning)
 
 
-def run_epoch(loader: Iterable, step: Step, num_images: int, epoch: int, lr: float) -> EpochStats:
+def run_epoch(loader: Iterable, step: LearningStep, num_images: int, epoch: int, lr: float) -> EpochStats:
     """One pass of ``step`` over ``loader``; loss and accuracy averaged over ``num_images``."""
     start = time.perf_counter()
     loss_sum, correct = None, None

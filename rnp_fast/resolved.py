@@ -10,8 +10,9 @@ sweep executor (through those) and the benchmark scripts all start here.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -26,8 +27,10 @@ from rnp_fast.device import resolve_device
 from rnp_fast.engine import EngineSettings, resolve_engine
 from rnp_fast.errors import UserError
 from rnp_fast.evaluation.evaluators import Evaluator, make_evaluator
-from rnp_fast.evaluation.scoring import ScoringOptions
+from rnp_fast.evaluation.predict import predict
+from rnp_fast.evaluation.scoring import ScoringOptions, samples_independent
 from rnp_fast.evaluation.test_sets import TestSets, build_test_sets
+from rnp_fast.loaders.augment import normalisation
 from rnp_fast.loaders.device_loader import DeviceLoader
 from rnp_fast.loaders.reference_loader import ReferenceLoader
 from rnp_fast.loaders.sources import DataSource, ImageSet, load_source
@@ -37,8 +40,11 @@ from rnp_fast.models.imported import imported_factory, is_factory_path
 ModelFactory = Callable[[type[nn.Module]], nn.Module]  # norm layer class -> a new model
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResolvedRun:
+    """Frozen: every choice is made in `resolve_run`; what is built lazily (test sets, mean and
+    std tensors) is cached, never changed."""
+
     model: ModelConfig
     data: DataConfig
     attack: AttackConfig
@@ -49,7 +55,9 @@ class ResolvedRun:
     trigger: Trigger | None  # None when the caller gives the poisoned test set itself
     build: ModelFactory
     given_tests: TestSets | None = None
-    warn: Callable[[str], None] | None = field(default=None, repr=False)
+    # batched or sequential (the candidate pass), as asked, unless the model needs sequential
+    scoring_mode: str = "batched"
+    notes: tuple[str, ...] = ()  # warnings of the resolution, for the run's log
 
     @property
     def num_classes(self) -> int:
@@ -57,11 +65,11 @@ class ResolvedRun:
 
     @cached_property
     def mean(self) -> torch.Tensor:
-        return torch.tensor(self.source.mean, dtype=torch.float32, device=self.device)
+        return normalisation(self.source.mean, self.source.std, self.device)[0]
 
     @cached_property
     def std(self) -> torch.Tensor:
-        return torch.tensor(self.source.std, dtype=torch.float32, device=self.device)
+        return normalisation(self.source.mean, self.source.std, self.device)[1]
 
     @cached_property
     def tests(self) -> TestSets:
@@ -111,9 +119,10 @@ class ResolvedRun:
             return self.beton_loader(beton, images, settings, {**options, "poison": poison})
         return DeviceLoader(images, *settings, **options, poison=poison)
 
-    def defense_loader(self, images: ImageSet):
-        """The defense data's loader, as the data section asks (shuffle, augmentation, seed)."""
-        return self.loader(images, self.data.shuffle, self.data.augment, self.data.seed)
+    def defense_loader(self, images: ImageSet, seed: int | None = None):
+        """The defense data's loader, as the data section asks (shuffle, augmentation, and its
+        seed unless ``seed`` is given: a repeat of the defense with other defense data)."""
+        return self.loader(images, self.data.shuffle, self.data.augment, self.data.seed if seed is None else seed)
 
     def beton_loader(self, path: str, images: ImageSet, settings: tuple, options: dict):
         """The FFCV loader of ``path``, checked to hold ``images``' labels in the same order."""
@@ -133,6 +142,12 @@ class ResolvedRun:
     def eval_batch(self) -> int:
         return min(self.engine.eval_rows or self.data.eval_batch_size, self.data.eval_batch_size)
 
+    def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """float32 logits of ``model`` over uint8 ``images``, as the evaluator computes them
+        (the run's normalisation, evaluation batch, layout and precision)."""
+        amp, channels_last = self.engine.amp, self.engine.eval_channels_last
+        return predict(model, images, self.mean, self.std, self.eval_batch, channels_last, amp)
+
     def evaluator(self) -> Evaluator:
         """``evaluator(model) -> Metrics`` on both test sets, in the engine's precision and layout."""
         mode = self.engine_config.mode
@@ -143,16 +158,17 @@ class ResolvedRun:
         mode, amp = self.engine_config.mode, self.engine.epoch_eval_amp
         return make_evaluator(mode, self.tests, self.eval_batch, self.engine.eval_channels_last, amp)
 
-    def scoring(self) -> ScoringOptions:
-        """How pruning candidates are scored (batched or sequential, chunk, precision, layout)."""
+    def scoring(self, warn: Callable[[str], None] | None = None) -> ScoringOptions:
+        """How pruning candidates are scored (batched or sequential, chunk, precision, layout);
+        ``warn`` takes the scoring's warnings (default: Python warnings)."""
         return ScoringOptions(
             mode=self.engine_config.mode,
-            scoring=self.engine_config.scoring,
+            scoring=self.scoring_mode,
             batch_size=self.eval_batch,
             chunk_size=self.engine_config.scoring_chunk,
             amp=self.engine.amp,
             channels_last=self.engine.eval_channels_last,
-            warn=self.warn,
+            warn=warn,
             # the scoring pass is most of a run's FLOPs: compiled whenever the engine compiles
             compile_backend=self.engine.compile_backend if self.engine.compile else None,
         )
@@ -181,7 +197,6 @@ def resolve_run(
     source: DataSource | None = None,
     build: ModelFactory | None = None,
     tests: TestSets | None = None,
-    warn: Callable[[str], None] | None = None,
 ) -> ResolvedRun:
     """Resolve the sections; ``source``, ``build`` and ``tests`` replace the dataset, the model zoo
     and the test sets built from them (the Python API passes the caller's own). ``reuse``: this
@@ -195,5 +210,29 @@ def resolve_run(
     if tests is None:
         size = {"image_size": source.image_shape[-1], "channels": source.image_shape[0]}
         trigger = build_trigger(attack.attack, **size, **attack.trigger_params())
+    zoo = build is None and not is_factory_path(model.arch)  # staged models: batched scoring by construction
     build = build or model_factory(model, source.num_classes)
-    return ResolvedRun(model, data, attack, engine, device, settings, source, trigger, build, tests, warn)
+    scoring, notes = scoring_mode(engine, build, source, device, zoo)
+    return ResolvedRun(model, data, attack, engine, device, settings, source, trigger, build, tests, scoring, notes)
+
+
+def scoring_mode(engine: EngineConfig, build: ModelFactory, source: DataSource, device, zoo: bool):
+    """Batched scoring folds the candidates into the batch, so it needs a model whose eval-mode
+    forward treats samples independently: the zoo's staged models do by construction; any other
+    model is checked once, on a new copy and a few training images, and scored sequentially if it
+    fails (batch dependence comes from the layers, not from their weights)."""
+    if engine.mode != "fast" or engine.scoring != "batched" or zoo:
+        return engine.scoring, ()
+    with torch.random.fork_rng(devices=[]):  # a factory's initialisation must not move the run's RNG
+        model = build(nn.BatchNorm2d).to(device)
+    if callable(getattr(model, "stages", None)):
+        return "batched", ()
+    mean, std = normalisation(source.mean, source.std, device)
+    if samples_independent(model, source.train.images[:4].to(device), mean, std):
+        return "batched", ()
+    message = (
+        f"{type(model).__name__}'s eval-mode outputs depend on the other samples of a batch, so pruning "
+        "candidates are scored sequentially (slower) instead of batched"
+    )
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return "sequential", (f"WARNING: {message}",)

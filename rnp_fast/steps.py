@@ -1,10 +1,9 @@
-"""The learning step: one factory for unlearning, recovering and backdoor training.
+"""The learning step of a stage: forward + loss, backward, optimiser step, then an optional update.
 
-Every step is forward + loss, backward, optimiser step, then an optional update after it. The
-stages differ only in their `StepRecipe`: the sign and scale of the loss (unlearning ascends on
--CE, recovering descends on alpha * CE, training on CE), the gradient clip, and what runs after
-the optimiser (recovering clamps its masks into [0, 1]; training steps its per-step LR schedule).
-Which parameters train is the optimiser's business.
+`learning.build_stage` is its one caller: the stage's recipe gives the sign and scale of the loss
+(unlearning ascends on -CE, recovering descends on alpha * CE, training on CE), the gradient clip
+and its name; what runs after the optimiser (recovering's mask clamp, training's per-step LR
+schedule) comes as ``after_update``. Which parameters train is the optimiser's business.
 
 This is the one place where a step is accelerated (`EngineSettings`):
 
@@ -26,49 +25,36 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnp_fast.engine import EAGER, EngineSettings, raise_recompile_limit, to_layout
+from rnp_fast.engine import EngineSettings, autocast, raise_recompile_limit, to_layout
+from rnp_fast.loops import LearningStep
 
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+if TYPE_CHECKING:
+    from rnp_fast.learning import StageRecipe
+
 COMPILED_BEFORE: set[tuple] = set()  # (step, model class, batch) compiled earlier in this process
-
-
-@dataclass(frozen=True)
-class StepRecipe:
-    name: str  # unlearn, recover or train: names the compiled step in logs and timings
-    loss_scale: float = 1.0  # the loss minimised is loss_scale * CE (-1: gradient ascent)
-    grad_clip: float = 0.0  # gradient-norm clip; 0 = off
-
-
-def unlearn_recipe(grad_clip: float = 0.0) -> StepRecipe:
-    return StepRecipe("unlearn", -1.0, grad_clip)
-
-
-def recover_recipe(alpha: float) -> StepRecipe:
-    return StepRecipe("recover", alpha)
-
-
-TRAIN = StepRecipe("train")
 
 
 @dataclass
 class StepTimings:
     """First-call seconds of the accelerated step (compilation or capture), and whether this
-    process had compiled the same step before (Dynamo's in-process cache: a warm compile)."""
+    process had compiled the same step before (Dynamo's in-process cache: a warm compile). The
+    step records them as it runs: they belong to the stage that owns the step."""
 
     first_call_seconds: float = 0.0
     warm: bool = False
 
 
-def forward_loss_fn(model: nn.Module, recipe: StepRecipe, engine: EngineSettings, device: torch.device):
+def forward_loss_fn(model: nn.Module, recipe: StageRecipe, engine: EngineSettings, device: torch.device):
     """images, labels -> (loss to minimise, summed CE over the batch, correct predictions)."""
 
     def forward_loss(images: torch.Tensor, labels: torch.Tensor):
-        with engine.autocast(device, cache=False):  # a weight is cast once per step anyway; graphs need it off
+        with autocast(device, engine.amp, cache=False):  # a weight is cast once per step anyway; graphs need it off
             logits = model(to_layout(images, engine))
         loss = F.cross_entropy(logits.float(), labels)
         correct = (logits.argmax(1) == labels).sum()
@@ -77,21 +63,20 @@ def forward_loss_fn(model: nn.Module, recipe: StepRecipe, engine: EngineSettings
     return forward_loss
 
 
-def make_step(
+def build_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    recipe: StepRecipe,
-    engine: EngineSettings = EAGER,
+    recipe: StageRecipe,
+    engine: EngineSettings,
     batch_size: int | None = None,
     after_update: Callable[[], None] | None = None,
-    timings: StepTimings | None = None,
-) -> Step:
-    """The step of ``recipe`` for ``model``; full batches of ``batch_size`` (default: the first
-    batch's size) take the accelerated path of ``engine`` (see the module docstring), every other
-    batch runs eagerly."""
+) -> tuple[LearningStep, StepTimings]:
+    """The step of ``recipe`` for ``model``, and the timings it records; full batches of
+    ``batch_size`` (default: the first batch's size) take the accelerated path of ``engine`` (see
+    the module docstring), every other batch runs eagerly."""
     device = next(model.parameters()).device
     eager = forward_loss_fn(model, recipe, engine, device)
-    timings = timings if timings is not None else StepTimings()
+    timings = StepTimings()
     if engine.cuda_graphs and not engine.compile:
         full = GraphedStep(eager, model, optimizer, timings)
     else:
@@ -112,7 +97,7 @@ def make_step(
         # Graphed steps reuse their output memory on the next replay: hand out copies.
         return loss_sum.clone(), correct.clone()
 
-    return step
+    return step, timings
 
 
 def plain_step(forward_loss, optimizer):
@@ -127,7 +112,7 @@ def plain_step(forward_loss, optimizer):
     return forward_backward
 
 
-def compiled_forward_loss(eager, model, recipe: StepRecipe, engine: EngineSettings, batch_size, timings):
+def compiled_forward_loss(eager, model, recipe: StageRecipe, engine: EngineSettings, batch_size, timings):
     """``eager`` compiled with fullgraph=True for the full batch shape (or ``eager`` itself)."""
     if not engine.compile:
         return eager

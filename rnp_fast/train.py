@@ -16,47 +16,23 @@ from torch import nn
 from rnp_fast.attacks import training_plan
 from rnp_fast.checkpoint import save_reference_checkpoint, save_safetensors
 from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, TrainConfig, to_dict
-from rnp_fast.device import describe_device
-from rnp_fast.engine import EAGER, apply_engine, sgd
+from rnp_fast.engine import EAGER
 from rnp_fast.errors import UserError
-from rnp_fast.evaluation.predict import predict
+from rnp_fast.evaluation.metrics import accuracy
+from rnp_fast.learning import build_stage, train_recipe
 from rnp_fast.loaders.sources import ImageSet
-from rnp_fast.loops import current_lr, run_epoch
 from rnp_fast.outputs import RunDirectory, vet_output
-from rnp_fast.provenance import versions
+from rnp_fast.provenance import provenance
 from rnp_fast.resolved import ResolvedRun, resolve_run
 from rnp_fast.runlog import RunLog
-from rnp_fast.steps import TRAIN, make_step
-
-
-def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
-    total = config.epochs * steps_per_epoch
-    if config.lr_schedule == "onecycle":  # short warm-up then annealing: fast, stable training
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
-    if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    milestones = [int(total * 0.5), int(total * 0.75)]
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
 
 def fit(model: nn.Module, loader, train: TrainConfig, on_epoch=None, engine=EAGER) -> None:
     """SGD (Nesterov) over ``train.epochs`` epochs of ``loader`` with the configured schedule,
-    stepped by the engine's learning step (see `steps`)."""
-    apply_engine(model, engine)
-    optimizer = sgd(
-        model.parameters(),
-        next(model.parameters()).device,
-        lr=train.lr,
-        momentum=train.momentum,
-        weight_decay=train.weight_decay,
-        nesterov=True,
-    )
-    scheduler = make_scheduler(optimizer, train, len(loader))
-    step = make_step(model, optimizer, TRAIN, engine, getattr(loader, "batch_size", None), after_update=scheduler.step)
+    stepped by the engine's learning step (`learning.build_stage`)."""
+    stage = build_stage(train_recipe(train, len(loader)), model, engine, getattr(loader, "batch_size", None))
     for epoch in range(train.epochs):
-        loader.set_epoch(epoch)
-        model.train()
-        stats = run_epoch(loader, step, loader.num_images, epoch, current_lr(optimizer))
+        stats = stage.epoch(loader, epoch)
         if on_epoch is not None:
             on_epoch(stats)
 
@@ -77,9 +53,7 @@ def harden_poisoned_images(run: ResolvedRun, plan, train: TrainConfig) -> tuple[
     originals = source.train.images[chosen].to(run.device)
     labels = source.train.labels[chosen].to(run.device)
     perturbed = trigger.perturb(clean_model, originals, labels, source.mean, source.std, data.eval_batch_size)
-    with torch.no_grad():
-        before = (predict(clean_model, originals, run.mean, run.std, 512).argmax(1) == labels).float().mean().item()
-        after = (predict(clean_model, perturbed, run.mean, run.std, 512).argmax(1) == labels).float().mean().item()
+    before, after = (accuracy(run.predict(clean_model, images), labels) for images in (originals, perturbed))
     images = source.train.images.clone()
     images[chosen] = perturbed.cpu()
     facts = {
@@ -163,10 +137,8 @@ def train_backdoor(
             **({"label_consistent": hardening} if hardening else {}),
             "seconds": time.perf_counter() - started,
             "images_per_second": train.epochs * loader.num_images / (time.perf_counter() - started),
-            "device": describe_device(run.device),
-            "rnp_fast": versions()["rnp_fast"],
-            "torch": torch.__version__,
             **to_dict(model_cfg, data, attack, train, engine),
+            **provenance(run.device),
         }
         directory.write_json("summary.json", summary)
     return summary

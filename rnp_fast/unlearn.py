@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from rnp_fast.config import RNPConfig
-from rnp_fast.engine import EAGER, EngineSettings, apply_engine, sgd
+from rnp_fast.engine import EAGER, EngineSettings
 from rnp_fast.errors import UserError
-from rnp_fast.loops import EpochStats, current_lr, run_epoch
-from rnp_fast.steps import StepTimings, make_step, unlearn_recipe
+from rnp_fast.learning import build_stage, unlearn_recipe
+from rnp_fast.loops import EpochStats
+from rnp_fast.steps import StepTimings
 
 
 @dataclass
@@ -45,26 +46,13 @@ def unlearn(
     engine: EngineSettings = EAGER,
 ) -> UnlearnResult:
     """Unlearn a copy of ``backdoored`` over ``loader`` (epochs 0..unlearning_epochs)."""
-    model = apply_engine(copy.deepcopy(backdoored).train(), engine)
-    optimizer = sgd(
-        model.parameters(),
-        next(model.parameters()).device,
-        lr=config.unlearning_lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.schedule), gamma=0.1)
-    timings = StepTimings()
-    step = make_step(
-        model, optimizer, unlearn_recipe(config.grad_clip), engine, getattr(loader, "batch_size", None), timings=timings
-    )
+    batch_size = getattr(loader, "batch_size", None)
+    stage = build_stage(unlearn_recipe(config), copy.deepcopy(backdoored), engine, batch_size)
+    model, timings = stage.model, stage.timings
     history: list[EpochStats] = []
     last_finite = copy.deepcopy(model.state_dict())
     for epoch in range(config.unlearning_epochs + 1):
-        loader.set_epoch(epoch)
-        model.train()
-        stats = run_epoch(loader, step, loader.num_images, epoch, current_lr(optimizer))
-        scheduler.step()
+        stats = stage.epoch(loader, epoch)
         if not (math.isfinite(stats.loss) and weights_finite(model)):
             return diverged(model, last_finite, epoch, stats, history, timings)
         last_finite = copy.deepcopy(model.state_dict())

@@ -23,7 +23,7 @@ from rnp_fast.errors import UserError
 from rnp_fast.evaluation.scoring import samples_independent
 from rnp_fast.evaluation.test_sets import build_test_sets
 from rnp_fast.loaders.sources import digits_source
-from rnp_fast.masked_bn import MaskedBatchNorm2d
+from rnp_fast.masked_batchnorm import MaskedBatchNorm2d
 from rnp_fast.models import build_model
 from rnp_fast.models.imported import parse_arch_kwargs
 from rnp_fast.models.swap import swap_batchnorm
@@ -77,22 +77,19 @@ def cli_run(tmp_path_factory):
     """`rnp-fast defend` on the bundled checkpoint, with the masks and pruning it computed."""
     import rnp_fast.defense as defend_module
 
-    captured = {}
+    captured = []
+    compute = defend_module.compute_defense
 
-    def capture(name, function):
-        def wrapper(*args, **kwargs):
-            captured[name] = function(*args, **kwargs)
-            return captured[name]
-
-        return wrapper
+    def capture(*args, **kwargs):
+        captured.append(compute(*args, **kwargs))
+        return captured[-1]
 
     out = tmp_path_factory.mktemp("cli") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("learn_masks", "prune_and_choose"):
-            patch.setattr(defend_module, name, capture(name, getattr(defend_module, name)))
+        patch.setattr(defend_module, "compute_defense", capture)
         argv = ["defend", "--model", demo_checkpoint(), "--out", str(out), "--arch", "resnet18", "--width", "0.25"]
         assert main(argv + CLI_FLAGS) == 0
-    return out, captured["learn_masks"], captured["prune_and_choose"]
+    return out, captured[0].channels, captured[0].pruning
 
 
 @pytest.fixture(scope="module")

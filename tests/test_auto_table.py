@@ -18,7 +18,7 @@ import torch
 from tests_support import TINY_WIDTH
 
 from rnp_fast.kernels import auto_table
-from rnp_fast.masked_bn import MaskedBatchNorm2d, choose_bn_kernels, masked_batchnorm_layers
+from rnp_fast.masked_batchnorm import MaskedBatchNorm2d, choose_bn_kernels, masked_batchnorm_layers
 from rnp_fast.models import build_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_masked_bn.py"

@@ -4,7 +4,7 @@ import torch
 from tests_support import TINY_WIDTH
 
 from rnp_fast.checkpoint import load_model_weights, read_state_dict
-from rnp_fast.masked_bn import MaskedBatchNorm2d
+from rnp_fast.masked_batchnorm import MaskedBatchNorm2d
 from rnp_fast.models import build_model
 
 

@@ -14,7 +14,7 @@ from rnp_fast.errors import UserError
 from rnp_fast.kernels import auto_table
 from rnp_fast.loaders.device_loader import DeviceLoader
 from rnp_fast.loaders.sources import load_source
-from rnp_fast.masked_bn import MaskedBatchNorm2d, choose_bn_kernels
+from rnp_fast.masked_batchnorm import MaskedBatchNorm2d, choose_bn_kernels
 from rnp_fast.models import build_model
 from rnp_fast.recover import recover
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from rnp_fast.attacks.badnets import FOUR_CORNER, PatchTrigger
 from rnp_fast.attacks.blend import round_to_uint8
+from rnp_fast.loaders.augment import normalisation
 
 
 class LabelConsistentTrigger(PatchTrigger):
@@ -50,8 +51,7 @@ def pgd_linf(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean,
     """Untargeted L-inf PGD from delta = 0 in pixel units; returns uint8. Model weights are untouched."""
     was_training = model.training
     model.eval()  # running statistics, not the perturbed batch's, decide the prediction
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    mean, std = (t.view(1, -1, 1, 1) for t in normalisation(mean, std, images.device))
     clean = images.float()
     delta = torch.zeros_like(clean)
     for _ in range(settings.steps):

@@ -23,14 +23,13 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnp_fast.engine import raise_recompile_limit
+from rnp_fast.engine import autocast, raise_recompile_limit
 from rnp_fast.evaluation.predict import model_input
 from rnp_fast.models.stages import Stage, model_stages, stage_of_module
 
@@ -253,13 +252,12 @@ class BatchedScoring:
         chunks = [candidates[i : i + step] for i in range(0, len(candidates), step)]
         plans = [network.plan(part) for part in chunks]
         outputs: list[list[list[torch.Tensor]]] = [[[] for _ in self.image_sets] for _ in candidates]
-        autocast = torch.autocast(network.device.type, self.amp) if self.amp else nullcontext()
         for set_number, images in enumerate(self.image_sets):
             for start in range(0, len(images), shape.images):
                 x = self.prepare(images[start : start + shape.images])
                 first = 0
                 for part, plan in zip(chunks, plans, strict=True):
-                    with autocast:
+                    with autocast(network.device, self.amp):
                         logits = network.forward(plan, x)
                     for offset, row in enumerate(plan.group_of_candidate):
                         outputs[first + offset][set_number].append(logits[row])

@@ -3,11 +3,10 @@ engine's precision (autocast) and layout: every evaluation of a run uses the sam
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 
+from rnp_fast.engine import autocast
 from rnp_fast.evaluation.metrics import Outputs
 from rnp_fast.evaluation.test_sets import TestSets
 from rnp_fast.loaders.augment import normalise
@@ -38,10 +37,6 @@ def predict(
 def no_logits(device: torch.device) -> torch.Tensor:
     """The logits of an empty test set (a set the Python API's caller did not give): NaN metrics."""
     return torch.empty(0, 0, device=device)
-
-
-def autocast(device: torch.device, amp: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp) if amp else nullcontext()
 
 
 def model_input(images: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:

@@ -21,6 +21,7 @@ from rnp_fast.evaluation.evaluators import make_evaluator
 from rnp_fast.evaluation.metrics import Metrics, Outputs, accuracy, metrics_from_outputs
 from rnp_fast.evaluation.predict import model_input, no_logits, predict
 from rnp_fast.evaluation.test_sets import TestSets
+from rnp_fast.loaders.augment import normalisation
 from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.prune import PruneStep, pruned_state_dict
 
@@ -119,11 +120,11 @@ def score_sequentially(model: nn.Module, steps: list[PruneStep], evaluator, dedu
 def holdout_accuracies(
     model: nn.Module, steps: list[PruneStep], holdout: ImageSet, mean, std, options: ScoringOptions
 ) -> tuple[float, list[float]]:
-    """Clean accuracy on the held-out defense images: unpruned, then per step."""
+    """Clean accuracy on the held-out defense images: unpruned, then per step (``mean``, ``std``:
+    numbers or tensors, one per channel)."""
     device = next(model.parameters()).device
     images, labels = holdout.images.to(device), holdout.labels.to(device)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device)
+    mean_t, std_t = normalisation(mean, std, device)
     if options.batched:
         candidates = [frozenset()] + [prune_set(step) for step in steps]
         logits = options.batched_scoring([images], mean_t, std_t).score(model, candidates)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from rnp_fast.attacks.base import PoisonPlan, Trigger, poisoned_test_plan
+from rnp_fast.loaders.augment import normalisation
 from rnp_fast.loaders.sources import ImageSet
 
 
@@ -48,13 +49,14 @@ def placed_test_sets(
     clean: ImageSet, reference_mask: torch.Tensor, poisoned: ImageSet, poison_targets: torch.Tensor, mean, std, device
 ) -> TestSets:
     """`TestSets` on ``device``: every tensor moved there once, mean and std as float32 tensors."""
+    mean, std = normalisation(mean, std, device)
     return TestSets(
         clean=ImageSet(clean.images.to(device), clean.labels.to(device)),
         reference_mask=reference_mask.to(device),
         poisoned=ImageSet(poisoned.images.to(device), poisoned.labels.to(device)),
         poison_targets=poison_targets.to(device),
-        mean=torch.tensor(mean, dtype=torch.float32, device=device),
-        std=torch.tensor(std, dtype=torch.float32, device=device),
+        mean=mean,
+        std=std,
     )
 
 
