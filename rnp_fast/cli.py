@@ -59,21 +59,6 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip=(), only=None) -
             group.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, **options)
         else:
             group.add_argument(f"--{flag(f.name)}", **options, **TYPE_OPTIONS[f.type])
-        for old in f.metadata.get("aliases", ()):
-            group.add_argument(
-                f"--{flag(old)}", dest=f.name, action=deprecated(f.name), help=argparse.SUPPRESS, **TYPE_OPTIONS[f.type]
-            )
-
-
-def deprecated(new_name: str):
-    """An argparse action for a renamed flag: still works for one release, with a deprecation line."""
-
-    class Deprecated(argparse.Action):
-        def __call__(self, parser, namespace, values, option_string=None):
-            print(f"rnp-fast: {option_string} is deprecated, use --{flag(new_name)}", file=sys.stderr)
-            setattr(namespace, self.dest, values)
-
-    return Deprecated
 
 
 def config_from_args(cls, args: argparse.Namespace):

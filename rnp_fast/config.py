@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass, field, fields
 from rnp_fast.errors import UserError
 
 
-def doc(text: str, identity: bool = True, seed: bool = False, aliases: tuple[str, ...] = (), **kwargs):
-    """A dataclass field whose help text the CLI shows (see the module docstring for the flags);
-    ``aliases``: old field names still accepted for one release, with a deprecation line."""
-    metadata = {"help": text, "identity": identity, "seed": seed, "aliases": aliases}
+def doc(text: str, identity: bool = True, seed: bool = False, **kwargs):
+    """A dataclass field whose help text the CLI shows (see the module docstring for the flags)."""
+    metadata = {"help": text, "identity": identity, "seed": seed}
     return field(metadata=metadata, **kwargs)
 
 
@@ -161,10 +160,9 @@ class EngineConfig:
     scoring: str = doc(
         "how pruning candidates are scored: batched (all candidates per pass over the test data) or sequential",
         default="batched",
-        aliases=("sweep_mode",),
     )
     scoring_chunk: int = doc(
-        "candidates per batched scoring pass; 0 = as many as free memory allows", default=0, aliases=("sweep_chunk",)
+        "candidates per batched scoring pass; 0 = as many as free memory allows", default=0
     )
     compile: bool | None = doc(
         "torch.compile the learning steps and the candidate scoring (default: on with CUDA where the process "
@@ -342,9 +340,6 @@ def seed_paths() -> tuple[str, ...]:
     return tuple(f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls) if f.metadata.get("seed"))
 
 
-def deprecated_aliases(cls) -> dict[str, str]:
-    """{old field name: current field name} of a config class."""
-    return {old: f.name for f in fields(cls) for old in f.metadata.get("aliases", ())}
 
 
 def flag(name: str) -> str:

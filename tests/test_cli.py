@@ -77,14 +77,17 @@ def test_every_command_has_help(command, capsys):
     assert f"usage: rnp-fast {command}" in capsys.readouterr().out
 
 
-def test_renamed_scoring_flags_still_work_with_a_deprecation_line(capsys, tmp_path):
+def test_the_old_scoring_flag_names_are_refused(capsys, tmp_path):
+    """--sweep-mode / --sweep-chunk (engine.sweep_mode, engine.sweep_chunk) were renamed to
+    --scoring / --scoring-chunk; the old names are gone, and refused as any unknown flag or key."""
     from rnp_fast.cli import build_parser
-    from rnp_fast.sweep.spec import load_sweep
+    from rnp_fast.sweep.spec import SweepFileError, load_sweep
 
-    args = build_parser().parse_args(["defend", "--model", "m", "--out", "o", "--sweep-mode", "sequential"])
-    assert args.scoring == "sequential"
-    assert "--sweep-mode is deprecated, use --scoring" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["defend", "--model", "m", "--out", "o", "--sweep-mode", "sequential"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --sweep-mode" in capsys.readouterr().err
     sweep_file = tmp_path / "s.yaml"
     sweep_file.write_text("fixed:\n  engine: {sweep_chunk: 3}\n")
-    assert load_sweep(sweep_file).jobs[0].engine.scoring_chunk == 3
-    assert "engine.sweep_chunk is deprecated, use engine.scoring_chunk" in capsys.readouterr().err
+    with pytest.raises(SweepFileError, match="engine.sweep_chunk: unknown key"):
+        load_sweep(sweep_file)

@@ -26,7 +26,6 @@ import inspect
 import itertools
 import math
 import re
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import yaml
 
 from rnp_fast.attacks import TRIGGERS, trigger_parameters
 from rnp_fast.config import SECTIONS as CONFIG_CLASSES
-from rnp_fast.config import AttackConfig, deprecated_aliases, not_identity, seed_paths
+from rnp_fast.config import AttackConfig, not_identity, seed_paths
 from rnp_fast.errors import UserError
 from rnp_fast.sweep.job import Job
 
@@ -135,7 +134,7 @@ def flatten(mapping, source: str, prefix: str = "") -> dict:
         raise SweepFileError(source, where, f"expected a mapping, got {describe(mapping)}")
     flat = {}
     for name, value in mapping.items():
-        path = current_name(f"{prefix}.{name}" if prefix else str(name), source)
+        path = f"{prefix}.{name}" if prefix else str(name)
         if path_kind(path) == "group":
             flat.update(flatten(value, source, path))
         else:
@@ -149,7 +148,7 @@ def read_axes(mapping, source: str) -> dict[str, list]:
         raise SweepFileError(source, "axes", f"expected a mapping of keys to lists, got {describe(mapping)}")
     axes = {}
     for name, values in mapping.items():
-        path = current_name(str(name), source)
+        path = str(name)
         check_path(path, source, f"axes.{path}")
         if not isinstance(values, list):
             raise SweepFileError(source, f"axes.{path}", f"expected a list of values, got {describe(values)}")
@@ -157,16 +156,6 @@ def read_axes(mapping, source: str) -> dict[str, list]:
             raise SweepFileError(source, f"axes.{path}", "empty axis (give at least one value)")
         axes[path] = values
     return axes
-
-
-def current_name(path: str, source: str) -> str:
-    """A renamed field's old path (``engine.sweep_mode``) as its new one, with a deprecation line."""
-    section, _, name = path.partition(".")
-    renamed = deprecated_aliases(CONFIG_CLASSES[section]).get(name) if section in CONFIG_CLASSES else None
-    if renamed is None:
-        return path
-    print(f"{source}: {path} is deprecated, use {section}.{renamed}", file=sys.stderr)
-    return f"{section}.{renamed}"
 
 
 def path_kind(path: str) -> str:
