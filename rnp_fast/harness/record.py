@@ -20,15 +20,18 @@ def with_provenance(result: dict, device: torch.device | str, command: str | Non
 def save(result: dict, out: str | Path, flag: str = "--out") -> Path:
     """Save ``result`` at ``out`` atomically; values JSON cannot hold (a dtype, a path) are saved
     as text rather than lose the file."""
-    return save_json(json.loads(json.dumps(result, default=str)), out, flag)
+    return save_json(json.loads(json.dumps(result, default=str)), out, flag, kind="bench result")
 
 
 def write_result(result: dict, out: str | None, device: torch.device | str = "cpu", echo: bool = False) -> None:
-    """The result with its provenance first; printed as JSON when ``echo``, saved at ``out`` when given."""
+    """The result with its provenance first; saved at ``out`` when given, then printed as JSON when
+    ``echo`` (as saved: with the file's stamps)."""
     if not (echo or out):
         return
     report = with_provenance(result, device)
+    if out:
+        path = save(report, out)
+        report = json.loads(path.read_text())
+        print(f"saved {path}", file=sys.stderr)
     if echo:
         print(json.dumps(report, indent=2))
-    if out:
-        print(f"saved {save(report, out)}", file=sys.stderr)
