@@ -1,0 +1,266 @@
+"""The defense over N defense-data seeds in one process: how often it works, not whether one run did.
+
+On a small model RNP is sensitive to which clean images form the defense set (and to their order
+and augmentation, which the same seed draws): one run cannot tell a lucky seed from a working
+defense. `run_repeats` resolves the run, loads the model and the test sets once and calls the
+defense once per seed (`defense.compute_defense(..., seed=s)`, compiled steps reused), then reports
+per seed and in aggregate:
+
+- ASR and clean accuracy (non-target and full test set) after pruning at the rule's threshold;
+- success: ASR <= ``Goal.max_asr`` at a full-test clean drop <= ``Goal.max_clean_drop`` (also on
+  non-target clean accuracy), and the success rate over the seeds with its spread;
+- whether ANY threshold of the schedule would have succeeded (the ranking found the backdoor, the
+  clean-data rule did not pick it), which needs the poisoned test set and so is an analysis, not a
+  choice a defender can make.
+
+Files (one run directory, written through `outputs.RunDirectory`): ``summary.json`` (per seed and
+aggregate), ``seeds.csv`` (one row per seed) and ``tradeoff.png`` (ASR against full-test clean
+accuracy over the schedule, one curve per seed, the rule's choice marked).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from dataclasses import asdict, dataclass
+
+from rnp_fast.evaluation.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What counts as a successful defense (the issue's: ASR <= 0.1 at a clean drop <= 2 points)."""
+
+    max_asr: float = 0.1
+    max_clean_drop: float = 0.02
+
+    def met(self, before_clean: float, after_clean: float, after_asr: float) -> bool:
+        return after_asr <= self.max_asr and before_clean - after_clean <= self.max_clean_drop + 1e-9
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    label: float  # threshold (or channel count)
+    pruned: int
+    asr: float
+    clean_acc: float  # non-target (reference protocol)
+    clean_acc_full: float
+
+
+@dataclass(frozen=True)
+class SeedOutcome:
+    """One seed's defense, as the aggregation needs it."""
+
+    seed: int
+    before: Metrics
+    after: Metrics
+    threshold: float | None
+    pruned: int
+    curve: list[CurvePoint]
+    chosen_index: int | None
+    suspected_target: int | None = None  # the unlearned model's top predicted class (diagnostics)
+
+    def success(self, goal: Goal) -> bool:
+        return goal.met(self.before.clean_acc_full, self.after.clean_acc_full, self.after.asr)
+
+    def success_nontarget(self, goal: Goal) -> bool:
+        return goal.met(self.before.clean_acc, self.after.clean_acc, self.after.asr)
+
+    def any_threshold(self, goal: Goal) -> bool:
+        return any(goal.met(self.before.clean_acc_full, p.clean_acc_full, p.asr) for p in self.curve)
+
+    def row(self, goal: Goal) -> dict:
+        return {
+            "seed": self.seed,
+            "threshold": self.threshold,
+            "pruned": self.pruned,
+            "asr_before": self.before.asr,
+            "asr_after": self.after.asr,
+            "clean_acc_before": self.before.clean_acc,
+            "clean_acc_after": self.after.clean_acc,
+            "clean_acc_full_before": self.before.clean_acc_full,
+            "clean_acc_full_after": self.after.clean_acc_full,
+            "clean_full_drop": self.before.clean_acc_full - self.after.clean_acc_full,
+            "success": self.success(goal),
+            "success_nontarget": self.success_nontarget(goal),
+            "any_threshold_succeeds": self.any_threshold(goal),
+            "suspected_target": self.suspected_target,
+        }
+
+
+def outcome_of(seed: int, pruning, suspected_target: int | None = None) -> SeedOutcome:
+    """A `SeedOutcome` from a defense's `Pruning` (steps, metrics, choice, chosen, before, after)."""
+    curve = [
+        CurvePoint(step.label, step.count, m.asr, m.clean_acc, m.clean_acc_full)
+        for step, m in zip(pruning.steps, pruning.metrics, strict=True)
+    ]
+    chosen = pruning.chosen
+    return SeedOutcome(
+        seed=seed,
+        before=pruning.before,
+        after=pruning.after,
+        threshold=chosen.label if chosen is not None else None,
+        pruned=chosen.count if chosen is not None else 0,
+        curve=curve,
+        chosen_index=pruning.choice.index,
+        suspected_target=suspected_target,
+    )
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation, min, max (NaN-free inputs)."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def rate(flags: list[bool]) -> dict:
+    """A success rate with its binomial standard error (the seed-to-seed spread of a rate)."""
+    p = sum(flags) / len(flags)
+    return {"rate": p, "count": sum(flags), "of": len(flags), "std_error": math.sqrt(p * (1 - p) / len(flags))}
+
+
+def aggregate(outcomes: list[SeedOutcome], goal: Goal) -> dict:
+    """The per-seed rows and the aggregate over seeds."""
+    if not outcomes:
+        raise ValueError("no seeds to aggregate")
+    rows = [o.row(goal) for o in outcomes]
+    return {
+        "goal": asdict(goal),
+        "seeds": [o.seed for o in outcomes],
+        "success": rate([r["success"] for r in rows]),
+        "success_nontarget": rate([r["success_nontarget"] for r in rows]),
+        "any_threshold_succeeds": rate([r["any_threshold_succeeds"] for r in rows]),
+        "asr_after": spread([r["asr_after"] for r in rows]),
+        "clean_acc_after": spread([r["clean_acc_after"] for r in rows]),
+        "clean_acc_full_after": spread([r["clean_acc_full_after"] for r in rows]),
+        "clean_full_drop": spread([r["clean_full_drop"] for r in rows]),
+        "pruned": spread([float(r["pruned"]) for r in rows]),
+        "per_seed": rows,
+    }
+
+
+def headline(result: dict) -> str:
+    """One line a user reads first."""
+    goal, success = result["goal"], result["success"]
+    return (
+        f"success (ASR <= {goal['max_asr']:g}, clean drop <= {goal['max_clean_drop'] * 100:g} points) on "
+        f"{success['count']} of {success['of']} seeds ({success['rate']:.0%} +- {success['std_error']:.0%}); "
+        f"on non-target clean accuracy {result['success_nontarget']['count']} of {success['of']}; "
+        f"some threshold of the schedule would have succeeded on {result['any_threshold_succeeds']['count']}; "
+        f"ASR after {result['asr_after']['mean']:.3f} +- {result['asr_after']['std']:.3f}"
+    )
+
+
+def format_seed_table(result: dict) -> str:
+    """One line per seed, for the log and the terminal."""
+    lines = ["seed \t threshold \t pruned \t ASR \t clean \t clean(all) \t success \t any threshold"]
+    for r in result["per_seed"]:
+        threshold = "none" if r["threshold"] is None else f"{r['threshold']:.4g}"
+        lines.append(
+            f"{r['seed']} \t {threshold} \t {r['pruned']} \t {r['asr_after']:.4f} \t {r['clean_acc_after']:.4f} \t "
+            f"{r['clean_acc_full_after']:.4f} \t {'yes' if r['success'] else 'no'} \t "
+            f"{'yes' if r['any_threshold_succeeds'] else 'no'}"
+        )
+    return "\n".join(lines)
+
+
+def format_seeds_csv(result: dict) -> str:
+    rows = result["per_seed"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def plot_tradeoff(path, outcomes: list[SeedOutcome], goal: Goal) -> None:
+    """ASR against full-test clean accuracy over the schedule, one curve per seed; the rule's choice
+    is marked, and the success region shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    before = statistics.fmean(o.before.clean_acc_full for o in outcomes)
+    ax.axvspan(before - goal.max_clean_drop, 1.0, ymax=goal.max_asr / 1.05, color="tab:green", alpha=0.12)
+    for outcome in outcomes:
+        xs = [outcome.before.clean_acc_full, *(p.clean_acc_full for p in outcome.curve)]
+        ys = [outcome.before.asr, *(p.asr for p in outcome.curve)]
+        (line,) = ax.plot(xs, ys, marker=".", linewidth=1, label=f"seed {outcome.seed}")
+        ax.plot([outcome.after.clean_acc_full], [outcome.after.asr], "o", color=line.get_color(), markersize=9)
+    ax.set_xlabel("clean accuracy, full test set")
+    ax.set_ylabel("attack success rate")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_title("pruning schedule per defense seed (big dot: the rule's choice; green: success)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def suspected_target(defense) -> int | None:
+    """The unlearned model's top predicted class on the rule's clean images (None: no unlearning)."""
+    from rnp_fast.diagnostics import predicted_class_histogram
+
+    model = defense.unlearned.model
+    if model is None:
+        return None
+    run = defense.run
+    images = defense.loaded.data.rule_images
+    return predicted_class_histogram(model, images, run.source.mean, run.source.std, run.num_classes).top_class
+
+
+def defend_seeds(job, seeds: list[int], goal: Goal = Goal(), log=None) -> tuple[list[SeedOutcome], object]:
+    """The defense once per seed, the run resolved, the model loaded and the steps compiled once.
+    Returns the outcomes and the resolved run."""
+    from rnp_fast.defense import compute_defense, load_inputs
+    from rnp_fast.resolved import resolve_run
+
+    run = resolve_run(job.model, job.data, job.attack, job.engine, reuse=len(seeds) > 1)
+    inputs = load_inputs(job, run)
+    outcomes = []
+    for seed in seeds:
+        defense = compute_defense(job, run, inputs, seed=seed, log=log)
+        outcome = outcome_of(seed, defense.pruning, suspected_target(defense))
+        outcomes.append(outcome)
+        if log is not None:
+            row = outcome.row(goal)
+            log.info(
+                f"seed {seed}: threshold {row['threshold']}, {row['pruned']} pruned, ASR {row['asr_after']:.4f}, "
+                f"clean {row['clean_acc_after']:.4f} (all classes {row['clean_acc_full_after']:.4f}), "
+                f"success {'yes' if row['success'] else 'no'}"
+            )
+    return outcomes, run
+
+
+def run_repeats(job, seeds: list[int], goal: Goal = Goal()) -> dict:
+    """The defense on every seed of ``seeds``; writes summary.json, seeds.csv, tradeoff.png and
+    output.log into ``job.out`` (one run directory, never over a folder rnp-fast did not make)."""
+    from rnp_fast.defense import resolved_config
+    from rnp_fast.errors import UserError
+    from rnp_fast.outputs import DEFENSE_RUN, RunDirectory, vet_output
+    from rnp_fast.runlog import RunLog
+
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--repeats needs distinct seeds, got {seeds}")
+    vet_output(job.out, job.reads(), kind=DEFENSE_RUN)  # before any work
+    with RunDirectory(job.out, job.reads(), kind=DEFENSE_RUN) as out:
+        log = RunLog(out.path("output.log"), job.engine.quiet)
+        try:
+            outcomes, run = defend_seeds(job, seeds, goal, log)
+            result = aggregate(outcomes, goal)
+            log.info(format_seed_table(result))
+            log.info(headline(result))
+        finally:
+            log.close()
+        out.write_json("summary.json", {"repeats": result, "config": resolved_config(job, run.device)})
+        out.write_text("seeds.csv", format_seeds_csv(result))
+        plot_tradeoff(out.path("tradeoff.png"), outcomes, goal)
+    return result

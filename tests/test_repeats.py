@@ -1,0 +1,99 @@
+"""The defense over several seeds: the aggregation by hand, and a tiny real run's files."""
+
+import csv
+import json
+import math
+from dataclasses import replace
+
+import pytest
+from tests_support import TINY_WIDTH
+
+from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
+from rnp_fast.evaluation.metrics import Metrics
+from rnp_fast.repeats import CurvePoint, Goal, SeedOutcome, aggregate, headline
+
+SHORT = dict(unlearning_epochs=1, recovering_epochs=2, clean_threshold=0.0, pruning_step=0.3)
+
+
+def metrics(asr: float, clean_full: float, clean: float | None = None) -> Metrics:
+    clean = clean_full if clean is None else clean
+    return Metrics(clean, 0.0, asr, 0.0, clean_full, 0.0)
+
+
+def outcome(seed: int, asr: float, clean_full: float, curve=(), clean: float | None = None) -> SeedOutcome:
+    points = [CurvePoint(0.1 * i, i, a, c, c) for i, (a, c) in enumerate(curve)]
+    return SeedOutcome(seed, metrics(1.0, 0.98), metrics(asr, clean_full, clean), 0.2, 10, points, 0)
+
+
+def test_success_needs_both_a_low_asr_and_a_small_clean_drop():
+    goal = Goal(max_asr=0.1, max_clean_drop=0.02)
+    outcomes = [
+        outcome(0, asr=0.05, clean_full=0.97),  # success
+        outcome(1, asr=0.05, clean_full=0.95),  # too costly
+        outcome(2, asr=0.50, clean_full=0.98, curve=[(0.5, 0.98), (0.08, 0.965)]),  # missed, a threshold existed
+        outcome(3, asr=0.10, clean_full=0.955, clean=0.99),  # passes on non-target clean accuracy only
+    ]
+    result = aggregate(outcomes, goal)
+    assert result["success"] == {
+        "rate": 0.25,
+        "count": 1,
+        "of": 4,
+        "std_error": pytest.approx(math.sqrt(0.25 * 0.75 / 4)),
+    }
+    assert [r["success"] for r in result["per_seed"]] == [True, False, False, False]
+    assert [r["success_nontarget"] for r in result["per_seed"]] == [True, False, False, True]
+    assert [r["any_threshold_succeeds"] for r in result["per_seed"]] == [False, False, True, False]
+    assert result["asr_after"]["mean"] == pytest.approx(0.175)
+    assert result["asr_after"]["min"] == 0.05 and result["asr_after"]["max"] == 0.5
+    assert result["clean_full_drop"]["max"] == pytest.approx(0.03)
+    assert result["success_nontarget"]["count"] == 2
+    assert "1 of 4 seeds" in headline(result)
+
+
+def test_thresholds_of_success_are_configurable():
+    loose = aggregate([outcome(0, asr=0.3, clean_full=0.95)], Goal(max_asr=0.5, max_clean_drop=0.05))
+    strict = aggregate([outcome(0, asr=0.3, clean_full=0.95)], Goal())
+    assert loose["success"]["count"] == 1 and strict["success"]["count"] == 0
+
+
+def test_no_seeds_is_an_error():
+    with pytest.raises(ValueError):
+        aggregate([], Goal())
+
+
+def tiny_job(model, out):
+    from rnp_fast.defense import DefendJob
+
+    return DefendJob(
+        model_path=str(model),
+        out=str(out),
+        model=ModelConfig(width=TINY_WIDTH),
+        data=DataConfig(dataset="digits", ratio=0.1, batch_size=32, eval_batch_size=256),
+        attack=AttackConfig(),
+        rnp=RNPConfig(**SHORT),
+        engine=EngineConfig(device="cpu", quiet=True),
+    )
+
+
+def test_a_tiny_repeated_run_reports_every_seed_and_writes_its_files(tiny_checkpoint, tmp_path, capsys):
+    from rnp_fast.cli import main
+    from rnp_fast.defense import run_defense
+
+    out = tmp_path / "repeats"
+    tiny = ["--width", str(TINY_WIDTH), "--dataset", "digits", "--ratio", "0.1", "--batch-size", "32"]
+    tiny += ["--eval-batch-size", "256", "--unlearning-epochs", "1", "--recovering-epochs", "2"]
+    tiny += ["--clean-threshold", "0", "--pruning-step", "0.3", "--device", "cpu", "--quiet"]
+    code = main(["defend", "--model", str(tiny_checkpoint), "--out", str(out), *tiny, "--seed", "3", "--repeats", "2"])
+    assert code == 0
+    assert "success (ASR <= 0.1, clean drop <= 2 points) on" in capsys.readouterr().err
+    assert {p.name for p in out.iterdir()} >= {"summary.json", "seeds.csv", "tradeoff.png", "output.log"}
+    stored = json.loads((out / "summary.json").read_text())["repeats"]
+    assert stored["seeds"] == [3, 4] and stored["success"]["of"] == 2
+    rows = list(csv.DictReader((out / "seeds.csv").open()))
+    assert [int(r["seed"]) for r in rows] == [3, 4]
+    # every seed is the single defense on that seed: the same figures as a separate run
+    job = tiny_job(tiny_checkpoint, tmp_path / "single")
+    single = run_defense(replace(job, data=replace(job.data, seed=4)))
+    assert stored["per_seed"][1]["asr_after"] == single["asr_after"]
+    assert stored["per_seed"][1]["clean_acc_full_after"] == single["clean_acc_full_after"]
+    assert stored["per_seed"][1]["pruned"] == single["pruned"]
