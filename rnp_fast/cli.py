@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--out", required=True, help="run directory for results and the purified model")
     defend.add_argument("--mask-file", help="mask_values.txt to reuse: skips unlearning and recovering")
     defend.add_argument("--unlearned-model", help="an unlearned checkpoint to reuse: skips unlearning")
+    add_repeat_flags(defend)
     for cls in (ModelConfig, DataConfig, AttackConfig, RNPConfig, EngineConfig):
         add_config_flags(defend, cls, skip=("poison_rate", "poison_seed", "poison"))
 
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="defend the bundled BadNets ResNet-18 on the digits set")
     demo.add_argument("--out", default="rnp-demo", help="run directory (default: rnp-demo)")
+    add_repeat_flags(demo)
     add_config_flags(demo, EngineConfig)
 
     convert = commands.add_parser("convert", help="write a dataset split to an FFCV .beton file (the ffcv extra)")
@@ -108,6 +110,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_commands(commands)
     add_bench_command(commands)
     return parser
+
+
+def add_repeat_flags(parser) -> None:
+    """--repeats: the defense on N defense-data seeds in one process, with a success rate (rnp_fast.repeats)."""
+    group = parser.add_argument_group("repeats")
+    group.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="defend on N defense-data seeds (--seed, --seed + 1, ...) and report the success rate, per seed "
+        "and in aggregate: summary.json, seeds.csv, tradeoff.png; no purified model (default: 1, one defense)",
+    )
+    group.add_argument("--success-asr", type=float, default=0.1, help="a success's largest ASR (default: 0.1)")
+    group.add_argument(
+        "--success-clean-drop",
+        type=float,
+        default=0.02,
+        help="a success's largest drop of full-test clean accuracy (default: 0.02)",
+    )
+
+
+def repeated(job, args) -> dict | None:
+    """The repeated defense when --repeats > 1 (None: run the single defense)."""
+    if args.repeats == 1:
+        return None
+    from rnp_fast.repeats import Goal, format_seed_table, headline, run_repeats
+
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    seeds = list(range(job.data.seed, job.data.seed + args.repeats))
+    result = run_repeats(job, seeds, Goal(args.success_asr, args.success_clean_drop))
+    print(format_seed_table(result), file=sys.stderr)
+    print(headline(result), file=sys.stderr)
+    return result
 
 
 def add_bench_command(commands) -> None:
@@ -140,7 +176,8 @@ def run_defend(args) -> dict:
         rnp=config_from_args(RNPConfig, args),
         engine=config_from_args(EngineConfig, args),
     )
-    return run_defense(job)
+    result = repeated(job, args)
+    return run_defense(job) if result is None else result
 
 
 def run_train(args) -> dict:
@@ -163,9 +200,11 @@ def run_convert(args) -> dict:
 
 
 def run_demo(args) -> dict:
+    from rnp_fast.demo import demo_job
     from rnp_fast.demo import run_demo as demo
 
-    return demo(args.out, config_from_args(EngineConfig, args))
+    result = repeated(demo_job(args.out, config_from_args(EngineConfig, args)), args)
+    return demo(args.out, config_from_args(EngineConfig, args)) if result is None else result
 
 
 def run_sweep_command(args) -> dict:
