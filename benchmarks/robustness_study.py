@@ -50,7 +50,7 @@ from rnp_fast.evaluation.metrics import Outputs, metrics_from_outputs
 from rnp_fast.evaluation.scoring import batched_test_logits, prune_set
 from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.masked_batchnorm import MaskedBatchNorm2d, masked_batchnorm_layers
-from rnp_fast.prune import Channel, PruneStep, make_step, rank_channels, threshold_schedule
+from rnp_fast.prune import Channel, PruneStep, lowest_step, rank_channels, threshold_schedule
 from rnp_fast.recover import recover
 from rnp_fast.resolved import resolve_run
 from rnp_fast.select import choose_step
@@ -145,7 +145,7 @@ def clp_steps(scores: dict[str, torch.Tensor]) -> list[PruneStep]:
     """Prune every channel whose z-score exceeds u, for u = 6 down to 1 (cumulative, like thresholds)."""
     ranked = sorted(channels_from(scores), key=lambda c: -c.value)
     levels = [6.0 - 0.25 * i for i in range(21)]
-    return [make_step(ranked, u, sum(c.value > u for c in ranked)) for u in levels]
+    return [lowest_step(ranked, u, sum(c.value > u for c in ranked)) for u in levels]
 
 
 # -- scoring one variant ----------------------------------------------------------------------------
@@ -179,7 +179,7 @@ class CandidateCache:
 
     def score_tests(self, keys: list) -> None:
         tests = self.pair.run.tests
-        steps = [make_step([], 0.0, 0), *(self.steps[key] for key in keys)]
+        steps = [lowest_step([], 0.0, 0), *(self.steps[key] for key in keys)]
         logits = batched_test_logits(self.pair.backdoored, steps, tests, self.options)
         rows = [step_row(self.pair, Outputs(*pair_logits), tests) for pair_logits in logits]
         self.before = rows[0]

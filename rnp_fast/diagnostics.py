@@ -106,3 +106,74 @@ def per_class_step_accuracies(
     logits = step_logits(model, steps, images, mean, std, options)
     per_class = [per_class_accuracy(one, labels, num_classes) for one in logits]
     return per_class[0], per_class[1:]
+
+
+@dataclass
+class TargetReport:
+    """What the diagnostics add to a defense: the suspected target and per-class held-out accuracy."""
+
+    histogram: ClassHistogram | None  # None: no unlearning ran (masks were given)
+    base: list[float]  # the unpruned model's held-out accuracy per class
+    per_step: list[list[float]]  # per pruning step, per class
+
+    def as_dict(self, labels: list[float]) -> dict:
+        return {
+            "unlearned_prediction_histogram": self.histogram.as_dict() if self.histogram else None,
+            "holdout_acc_per_class_unpruned": self.base,
+            "holdout_acc_per_class": [
+                {"label": label, "per_class": row} for label, row in zip(labels, self.per_step, strict=True)
+            ],
+        }
+
+
+def target_report(defense, backdoored: nn.Module) -> TargetReport:
+    """The diagnostics of a computed defense (`defense.Defense`) of ``backdoored``: the unlearned
+    model's histogram on the rule's clean images and every candidate's per-class accuracy on them."""
+    run, images = defense.run, defense.loaded.data.rule_images
+    mean, std = run.source.mean, run.source.std
+    unlearned = defense.unlearned.model
+    histogram = predicted_class_histogram(unlearned, images, mean, std, run.num_classes) if unlearned else None
+    base, per_step = per_class_step_accuracies(
+        backdoored, defense.pruning.steps, images, mean, std, run.num_classes, run.scoring()
+    )
+    return TargetReport(histogram, base, per_step)
+
+
+def plot_per_class(path, labels: list[float], report: TargetReport, chosen: int | None, by: str) -> None:
+    """Held-out accuracy of every class against the threshold, the suspected target class bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suspected = report.histogram.top_class if report.histogram else None
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for cls in range(len(report.base)):
+        ys = [row[cls] for row in report.per_step]
+        bold = cls == suspected
+        axes.plot(
+            labels,
+            ys,
+            "o-" if bold else "-",
+            linewidth=2.5 if bold else 1,
+            alpha=1 if bold else 0.6,
+            label=f"class {cls}" + (" (suspected target)" if bold else ""),
+        )
+    if chosen is not None:
+        axes.axvline(labels[chosen], color="gray", linestyle=":", label="chosen")
+    axes.set_xlabel("pruning threshold" if by == "threshold" else "channels pruned")
+    axes.set_ylabel("held-out clean accuracy")
+    axes.set_ylim(-0.02, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=6, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def write_diagnostics(out, report: TargetReport, steps: list[PruneStep], chosen: int | None, by: str) -> None:
+    """``diagnostics.json`` (histogram, per-class held-out accuracy per step) and ``per_class.png``
+    into a run directory (`outputs.RunDirectory`)."""
+    labels = [step.label for step in steps]
+    out.write_json("diagnostics.json", report.as_dict(labels))
+    plot_per_class(out.path("per_class.png"), labels, report, chosen, by)

@@ -120,14 +120,26 @@ def format_pruning_table(steps: list[PruneStep], metrics: list[Metrics], by: str
     return PRUNING_HEADER + "".join(pruning_row(s, m, by) for s, m in zip(steps, metrics, strict=True))
 
 
-def format_pruning_csv(steps: list[PruneStep], metrics: list[Metrics], holdout_accs: list[float]) -> str:
+def format_pruning_csv(
+    steps: list[PruneStep],
+    metrics: list[Metrics],
+    holdout_accs: list[float],
+    per_class: list[list[float]] | None = None,
+) -> str:
+    """One row per step; ``per_class`` (per step, the held-out accuracy of every class: see
+    `diagnostics`) adds the columns ``holdout_acc_class_0``, ... so a user sees which class a
+    threshold hurts."""
     buffer = io.StringIO()
     names = list(Metrics.__dataclass_fields__)
+    classes = len(per_class[0]) if per_class else 0
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["step", "label", "pruned", *names, "holdout_acc"])
-    for number, (step, metric, holdout) in enumerate(zip(steps, metrics, holdout_accs, strict=True)):
+    class_columns = [f"holdout_acc_class_{c}" for c in range(classes)]
+    writer.writerow(["step", "label", "pruned", *names, "holdout_acc", *class_columns])
+    rows = per_class or [[] for _ in steps]
+    for number, (step, metric, holdout, by_class) in enumerate(zip(steps, metrics, holdout_accs, rows, strict=True)):
         values = metric.as_dict()
-        writer.writerow([number, step.label, step.count, *(f"{values[n]:.6f}" for n in names), f"{holdout:.6f}"])
+        cells = [*(f"{values[n]:.6f}" for n in names), f"{holdout:.6f}", *(f"{a:.6f}" for a in by_class)]
+        writer.writerow([number, step.label, step.count, *cells])
     return buffer.getvalue()
 
 

@@ -1,5 +1,6 @@
 """Target-class diagnostics: the predicted-class histogram and per-class accuracy per candidate."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -67,3 +68,42 @@ def test_per_class_accuracies_per_step_agree_batched_and_sequential():
     base, per_step = batched
     assert per_step[0] == base  # nothing pruned: the unpruned model's figures
     assert len(per_step) == 2 and all(len(row) == 10 for row in per_step)
+
+
+def test_a_defense_s_per_class_accuracies_add_up_to_its_rule_s_accuracies(tiny_checkpoint, tmp_path):
+    import json
+    import math
+
+    from tests_support import TINY_WIDTH
+
+    from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
+    from rnp_fast.defense import DefendJob, compute_defense, load_inputs
+    from rnp_fast.diagnostics import target_report, write_diagnostics
+    from rnp_fast.outputs import RunDirectory
+    from rnp_fast.resolved import resolve_run
+
+    job = DefendJob(
+        model_path=str(tiny_checkpoint),
+        out=None,
+        model=ModelConfig(width=TINY_WIDTH),
+        data=DataConfig(dataset="digits", ratio=0.1, batch_size=32, eval_batch_size=256),
+        attack=AttackConfig(),
+        rnp=RNPConfig(unlearning_epochs=1, recovering_epochs=2, clean_threshold=0.0, pruning_step=0.3),
+        engine=EngineConfig(device="cpu", quiet=True),
+    )
+    run = resolve_run(job.model, job.data, job.attack, job.engine)
+    inputs = load_inputs(job, run)
+    defense = compute_defense(job, run, inputs)
+    report = target_report(defense, inputs.backdoored)
+    labels = defense.loaded.data.rule_images.labels
+    counts = torch.bincount(labels, minlength=10).tolist()
+    assert report.histogram.total == len(labels)
+    assert len(report.per_step) == len(defense.pruning.steps)
+    for overall, per_class in zip(defense.pruning.holdout, report.per_step, strict=True):
+        weighted = sum(a * n for a, n in zip(per_class, counts, strict=True) if not math.isnan(a)) / len(labels)
+        assert weighted == pytest.approx(overall, abs=1e-6)
+    with RunDirectory(tmp_path / "run") as out:
+        write_diagnostics(out, report, defense.pruning.steps, defense.pruning.choice.index, "threshold")
+    saved = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
+    assert saved["unlearned_prediction_histogram"]["counts"] == report.histogram.counts
+    assert (tmp_path / "run" / "per_class.png").stat().st_size > 0
