@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rnp_fast.api_checks import check_python_inputs
 from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
 from rnp_fast.defense import DefendJob, Defense, compute_defense, write_results, write_summary
 from rnp_fast.defense_stages import Inputs, load_defense_data, recover_stage, unlearn_stage
@@ -168,6 +169,7 @@ def python_run(model, defense, mean, std, test, poisoned, rnp, data, engine) -> 
     )
     train = image_set(defense, len(mean), "defense")
     tests = caller_test_sets(test, poisoned, train, mean, std, resolve_device(job.engine.device))
+    check_python_inputs(model, train, tests, mean, std)  # the model's device, forward and labels (api_checks)
     # The source's test split is never read when the test sets are given; it holds the caller's clean set.
     source = DataSource("python", train, tests.clean, class_count(train, tests), mean, std)
     build = copies_of(model)

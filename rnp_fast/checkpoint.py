@@ -10,7 +10,11 @@ non-finite values, and floating-point weights stored as integers, booleans or co
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +35,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on pickle protocols is not the user's business
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
         raise UserError(f"refused to load {path}: it holds more than plain tensors ({first_line})") from None
@@ -106,12 +112,27 @@ def load_model_weights(model: nn.Module, path: str | Path, arch: str) -> nn.Modu
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file; a failed write (a full disk) raises the OSError it is, not safetensors' own type."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:
+        raise as_os_error(error, path) from None
+
+
+def as_os_error(error: Exception, path: Path) -> OSError:
+    """safetensors reports an I/O failure as ``SafetensorError: ... (os error 28)``: the OSError it
+    stands for, so that the writer turns it into its one line (unknown numbers: an I/O error)."""
+    found = re.search(r"os error (\d+)", str(error))
+    number = int(found[1]) if found else errno.EIO
+    return OSError(number, os.strerror(number), str(path))
 
 
 def save_reference_checkpoint(state: dict[str, torch.Tensor], path: Path, **extra) -> None:
-    """The reference's layout: ``{'state_dict': ..., **extra}`` through torch.save."""
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in state.items()}, **extra}, path)
+    """The reference's layout: ``{'state_dict': ..., **extra}`` through torch.save, into a file we
+    open, so that a failed write raises Python's OSError (torch's own writer says "unexpected pos")."""
+    with open(path, "wb") as handle:
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in state.items()}, **extra}, handle)

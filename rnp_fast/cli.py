@@ -1,14 +1,17 @@
 """The `rnp-fast` command line, derived from the config dataclasses (one flag per field).
 
-Exit codes: 0 success, 1 a sweep finished with failed jobs, 2 bad input (one line on stderr,
-nothing written), 130 interrupted.
+Exit codes: 0 success, 1 a sweep finished with failed jobs (or an operating-system error while
+writing, one line), 2 bad input (one line on stderr, nothing written), 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM, handled as Ctrl-C is: one line, the staging folder removed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from dataclasses import MISSING, fields
 
 from rnp_fast import __version__
@@ -24,7 +27,7 @@ from rnp_fast.config import (
     TrainConfig,
     flag,
 )
-from rnp_fast.errors import UserError
+from rnp_fast.errors import UserError, one_line
 
 REQUIRED = {"store"}  # fields whose flag must be given
 
@@ -222,10 +225,10 @@ def run_report(args) -> dict:
 def run_bench_command(args) -> None:
     """Prints the table (and saves the JSON with --out) instead of a summary."""
     from rnp_fast.bench import format_table, run_bench, save_result
-    from rnp_fast.outputs import is_our_json, vet_output_file
+    from rnp_fast.outputs import is_our_json, refuse_other_json_kind, vet_output_file
 
     if args.out is not None:  # checked before the benchmark, not after it
-        vet_output_file(args.out, owned=is_our_json)
+        refuse_other_json_kind(vet_output_file(args.out, owned=is_our_json), "bench result", "--out")
     result = run_bench(config_from_args(BenchConfig, args), progress=lambda line: print(line, file=sys.stderr))
     print(format_table(result))
     if args.out is not None:
@@ -243,16 +246,33 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, as Ctrl-C's KeyboardInterrupt is: every ``finally`` and
+    ``with`` on the way out runs (the staging folder is removed, a sweep's running jobs requeued)."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be handled
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
     try:
         summary = COMMANDS[args.command](args)
     except UserError as error:
-        print(f"rnp-fast: error: {error}", file=sys.stderr)
+        print(f"rnp-fast: error: {one_line(error)}", file=sys.stderr)
         return error.exit_code
+    except Terminated:
+        print("rnp-fast: terminated (SIGTERM); nothing was replaced", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("rnp-fast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if summary is not None:
         print(json.dumps(summary, indent=2, default=str))
     if args.command == "sweep" and summary.get("failed"):

@@ -29,6 +29,13 @@ def require(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+MAX_SEED = 2**63 - 1  # every seed reaches torch.manual_seed and NumPy's generators, which take 0..2**63-1
+
+
+def require_seed(value: int, name: str) -> None:
+    require(0 <= value <= MAX_SEED, f"--{name} must be in 0..{MAX_SEED}, got {value}")
+
+
 @dataclass
 class DataConfig:
     dataset: str = doc(
@@ -53,6 +60,7 @@ class DataConfig:
         require(0 <= self.holdout < 1, f"--holdout must be in [0, 1), got {self.holdout}")
         require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         require(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        require_seed(self.seed, "seed")
         if self.image_size is not None:  # the triggers' corner patches need room
             require(8 <= self.image_size <= 1024, f"--image-size must be in 8..1024, got {self.image_size}")
 
@@ -82,6 +90,8 @@ class AttackConfig:
 
         require(0 < self.poison_rate <= 1, f"--poison-rate must be in (0, 1], got {self.poison_rate}")
         require(self.target >= 0, f"--target must be >= 0, got {self.target}")
+        require_seed(self.poison_seed, "poison-seed")
+        require_seed(self.trigger_seed, "trigger-seed")
         self.attack_param = list(self.attack_param or [])
         check_attack(self.attack, parse_attack_params(self.attack_param))
         if self.label_mode is None:
@@ -128,6 +138,7 @@ class RNPConfig:
 
     def __post_init__(self):
         self.schedule = tuple(int(m) for m in self.schedule)
+        require(min(self.schedule, default=0) >= 0, f"--schedule milestones must be >= 0, got {list(self.schedule)}")
         for name in ("unlearning_lr", "recovering_lr"):
             value = getattr(self, name)
             require(math.isfinite(value) and value > 0, f"--{flag(name)} must be > 0, got {value}")

@@ -46,7 +46,7 @@ from rnp_fast.defense_stages import (
 from rnp_fast.device import describe_device
 from rnp_fast.evaluation.metrics import defense_effectiveness
 from rnp_fast.loaders.sources import DataSource
-from rnp_fast.outputs import RunDirectory, vet_output
+from rnp_fast.outputs import DEFENSE_RUN, RunDirectory, vet_output
 from rnp_fast.provenance import provenance
 from rnp_fast.prune import Channel, PruneStep, batchnorm_sizes
 from rnp_fast.report import format_mask_values, format_pruning_csv, format_pruning_table, plot_pruning, read_mask_file
@@ -76,7 +76,7 @@ def run_defense(job: DefendJob, reuse: bool = False, source: DataSource | None =
     process will defend again (a sweep, a benchmark), where compiling the steps pays back.
     ``source``: the data instead of ``job.data.dataset`` (the harness's reduced test split)."""
     started = time.perf_counter()
-    vet_output(job.out, job.reads())  # before any work: never replace what rnp-fast did not make
+    vet_output(job.out, job.reads(), kind=DEFENSE_RUN)  # before any work: never replace what rnp-fast did not make
     run = resolve_run(job.model, job.data, job.attack, job.engine, reuse=reuse, source=source)
     inputs = load_inputs(job, run)
     with RunDirectory(job.out, job.reads(), kind="defense run") as out:

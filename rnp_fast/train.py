@@ -21,7 +21,7 @@ from rnp_fast.errors import UserError
 from rnp_fast.evaluation.metrics import accuracy
 from rnp_fast.learning import build_stage, train_recipe
 from rnp_fast.loaders.sources import ImageSet
-from rnp_fast.outputs import RunDirectory, vet_output
+from rnp_fast.outputs import TRAINED_MODEL, RunDirectory, vet_output
 from rnp_fast.provenance import provenance
 from rnp_fast.resolved import ResolvedRun, resolve_run
 from rnp_fast.runlog import RunLog
@@ -91,7 +91,7 @@ def train_backdoor(
     this process trains or defends again (a sweep), where compiling the step pays back."""
     engine = engine or EngineConfig()
     reads = [data.data_dir, train.train_beton, *attack.files()]
-    vet_output(out, reads)  # before any work: never replace what rnp-fast did not make
+    vet_output(out, reads, kind=TRAINED_MODEL)  # before any work: never replace what rnp-fast did not make
     run = resolve_run(model_cfg, data, attack, engine, reuse=reuse)
     plan = poisoning_plan(run, attack)
     hardened = plan is not None and getattr(run.trigger, "needs_clean_model", False)
@@ -107,7 +107,7 @@ def train_backdoor(
     torch.manual_seed(data.seed)
     model = run.new_model()
     started = time.perf_counter()
-    with RunDirectory(out, reads, kind="trained model") as directory:
+    with RunDirectory(out, reads, kind=TRAINED_MODEL) as directory:
         log = RunLog(directory.path("train.log"), engine.quiet)
         log.info(f"engine: {run.engine.describe()}; {'; '.join(run.engine.reasons)}")
         if hardening:

@@ -6,14 +6,21 @@ and output paths. (More cases per area live beside their features; this is the c
 
 from __future__ import annotations
 
+import copy
+import fractions
 import importlib.util
+import pickle
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from tests_support import TINY_WIDTH
+from torch import nn
 
+import rnp_fast
 from rnp_fast.cli import main
+from rnp_fast.errors import UserError
 from rnp_fast.models import build_model
 
 DIGITS = ["--dataset", "digits", "--width", str(TINY_WIDTH), "--device", "cpu", "--quiet"]
@@ -23,6 +30,10 @@ DIGITS = ["--dataset", "digits", "--width", str(TINY_WIDTH), "--device", "cpu", 
 def files(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("inputs")
     (root / "corrupt.pth").write_bytes(b"this is not a checkpoint")
+    # pickles holding more than tensors: a raw pickle (torch warns about its protocol) and a torch.save
+    # zip (torch's refusal carries terminal escapes); neither may reach the user's one line as such
+    (root / "raw_pickle.pth").write_bytes(pickle.dumps({"state_dict": fractions.Fraction(1, 3)}, protocol=4))
+    torch.save({"state_dict": fractions.Fraction(1, 3)}, root / "object.pth")
     torch.save({"state_dict": build_model("vgg19_bn", 10, TINY_WIDTH).state_dict()}, root / "vgg.pth")
     torch.save(build_model("resnet18", 7, TINY_WIDTH).state_dict(), root / "classes7.pth")
     (root / "a_file").write_text("not a directory")
@@ -65,6 +76,13 @@ CASES = {
     "defend: threshold outside [0, 1]": (defend("{model}", "--threshold", "2"), "--threshold must be in [0, 1]"),
     "defend: ratio <= 0": (defend("{model}", "--ratio", "0"), "--ratio must be in (0, 1]"),
     "defend: zero epochs": (defend("{model}", "--recovering-epochs", "0"), "--recovering-epochs must be >= 1"),
+    "defend: negative schedule milestone": (
+        defend("{model}", "--schedule", "20", "-3"),
+        "--schedule milestones must be >= 0, got [20, -3]",
+    ),
+    "defend: negative seed": (defend("{model}", "--seed", "-1"), "--seed must be in 0..9223372036854775807"),
+    "defend: raw pickle checkpoint": (defend("{root}/raw_pickle.pth"), "refused to load"),
+    "defend: pickled object checkpoint": (defend("{root}/object.pth"), "refused to load"),
     "defend: target outside the classes": (defend("{model}", "--target", "10"), "outside"),
     "defend: a GPU where there is none": (defend("{model}", "--device", "cuda"), "CUDA is not available"),
     "defend: missing mask file": (defend("{model}", "--mask-file", "{root}/none.txt"), "mask file not found"),
@@ -86,6 +104,7 @@ CASES = {
         "small.png",
     ),
     "train-backdoor: zero epochs": (train("--epochs", "0"), "--epochs must be >= 1"),
+    "train-backdoor: negative poisoning seed": (train("--poison-seed", "-1"), "--poison-seed must be in 0.."),
     "train-backdoor: corrupt .beton": (train("--train-beton", "{root}/corrupt.beton"), "corrupt.beton"),
     "convert: unknown source": (["convert", "mnist", "{out}.beton"], "unknown dataset"),
     "sweep: unknown key": (["sweep", "{root}/unknown_key.yaml", "--store", "{out}"], "nonsense"),
@@ -123,3 +142,71 @@ def test_the_table_has_at_least_25_cases_across_every_command():
     commands = {argv[0] for argv, _ in CASES.values()}
     assert len(CASES) >= 25
     assert commands >= {"defend", "train-backdoor", "convert", "sweep", "report", "bench", "demo"}
+
+
+@pytest.mark.parametrize("name", ["raw_pickle.pth", "object.pth"])
+def test_a_refused_pickle_says_so_without_torch_warnings_or_terminal_escapes(name, files, tmp_path, capsys):
+    values = {"root": str(files["root"]), "model": str(files["model"]), "out": str(tmp_path / "out")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main([arg.format(**values) for arg in defend(f"{{root}}/{name}")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "refused to load" in err, err
+    assert "\x1b" not in err and all(c.isprintable() for c in err.strip()), repr(err)
+    assert [str(w.message) for w in caught] == []
+
+
+class ReturnsATuple(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x), x.mean()
+
+
+def api_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, TINY_WIDTH)
+    if kind == "tuple":
+        return ReturnsATuple(model)
+    if kind == "frozen":
+        return copy.deepcopy(model).requires_grad_(False)
+    if kind == "meta":
+        return model.to("meta")
+    return model
+
+
+# name -> (model kind, defense labels' largest value, test labels' largest value, what the UserError says)
+API_CASES = {
+    "defense labels beyond the model's classes": (
+        "plain",
+        42,
+        9,
+        "defense: label 42 is outside the model's 10 classes",
+    ),
+    "test labels beyond the classes": ("plain", 9, 10, "test: label 10 is outside the model's 10 classes"),
+    "a forward returning a tuple": ("tuple", 9, 9, "the model's forward returned a tuple"),
+    "a model on the meta device": ("meta", 9, 9, "is on the meta device"),
+    "a model with every parameter frozen": ("frozen", 9, 9, "every parameter of the model is frozen"),
+}
+
+
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_the_python_api_names_the_problem_before_any_work(case):
+    kind, defense_top, test_top, expected = API_CASES[case]
+    images = torch.zeros(20, 3, 32, 32, dtype=torch.uint8)
+    labels = torch.arange(20) % 10
+    defense_labels, test_labels = labels.clone(), labels.clone()
+    defense_labels[0], test_labels[0] = defense_top, test_top
+    with pytest.raises(UserError) as refused:
+        rnp_fast.defend(
+            api_model(kind),
+            (images, defense_labels),
+            test=(images, test_labels),
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+            rnp=rnp_fast.RNPConfig(unlearning_epochs=0, recovering_epochs=1),
+            engine=rnp_fast.EngineConfig(device="cpu", quiet=True),
+        )
+    assert expected in str(refused.value) and "\n" not in str(refused.value)

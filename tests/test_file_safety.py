@@ -1,16 +1,24 @@
 """rnp-fast never destroys what it did not make, and refuses wrong content, not only wrong syntax.
 
 Every case runs one command inside a sentinel tree (a home folder, a current folder with a
-user's files, a non-empty folder of the user's, the inputs) and asserts: the exit code, one line
-on stderr without a traceback that says what is wrong, and that no file anywhere in the tree was
-created, changed or removed (every file hashed before and after).
+user's files, a non-empty folder of the user's, the inputs, and folders rnp-fast made: an earlier
+run the user added files to, a sweep store with a trained model, old-style runs, links) and
+asserts: the exit code, one line on stderr without a traceback that says what is wrong, that no
+file anywhere in the tree was created, changed or removed (every file hashed before and after),
+and that the refusal took under 5 seconds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +27,7 @@ from tests_support import TINY_WIDTH
 
 from rnp_fast.cli import main
 from rnp_fast.models import build_model
-from rnp_fast.outputs import MARKER
+from rnp_fast.outputs import MARKER, OutputError, RunDirectory
 from rnp_fast.prune import Channel, batchnorm_sizes
 from rnp_fast.report import format_mask_values
 from rnp_fast.sweep.store import ResultsStore
@@ -63,6 +71,64 @@ def write_sweep_files(folder: Path) -> None:
     (folder / "small.yaml").write_text(SWEEP + "axes: {seed: [0]}\n")
 
 
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """A YAML list of ``levels`` levels of aliases ``width`` wide: a few hundred bytes, width**levels leaves."""
+    anchors = ["&a0 [x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, levels):
+        anchors.append(f"&a{level} [" + ", ".join([f"*a{level - 1}"] * width) + "]")
+    return "[" + ", ".join(anchors) + "]"
+
+
+def write_hostile_sweep_files(folder: Path) -> None:
+    bomb = alias_bomb()
+    fixed = "name: s\nfixed:\n  data: {dataset: digits}\n"
+    (folder / "bomb_attack_param.yaml").write_text(fixed + f"  attack: {{attack_param: {bomb}}}\n")
+    (folder / "bomb_blend_alpha.yaml").write_text(fixed + f"  trigger: {{blend: {{alpha: {bomb}}}}}\n")
+    (folder / "deep.yaml").write_text("[" * 100_000 + "]" * 100_000)  # JSON (and YAML) nested 100,000 deep
+    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (folder / "probe.json").write_text('{"made_by": "rnp-fast", "kind": "probe result", "sections": {}}')
+
+
+def our_folder(path: Path, kind: str | None, files: dict[str, str], listed: bool = True) -> Path:
+    """A folder as rnp-fast leaves it: its files and a marker (``listed``: naming them, as now)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(content)
+    record = {"made_by": "rnp-fast", "version": "0.1.0", **({"kind": kind} if kind else {})}
+    (path / MARKER).write_text(json.dumps({**record, "files": sorted(files)} if listed else record))
+    return path
+
+
+RUN_FILES = {"summary.json": "{}", "mask_values.txt": "No. \t Layer Name \t Neuron Idx \t Mask\n"}
+MODEL_FILES = {"model.safetensors": "weights", "model.pth": "weights", "train.log": "log", "summary.json": "{}"}
+
+
+def write_rnp_folders(w: Path) -> None:
+    """Folders rnp-fast made, some holding the user's files, and links the user made."""
+    prev = our_folder(w / "prev", "defense run", RUN_FILES)
+    (prev / "NOTES.txt").write_text("what I saw in this run")
+    (prev / "mine").mkdir()
+    (prev / "mine" / "z.txt").write_text("derived")
+    our_folder(w / "store" / "models" / "abc123", "trained model", MODEL_FILES)
+    our_folder(w / "store" / "jobs" / "j1", "defense run", RUN_FILES)
+    ResultsStore(w / "store2").close()
+    our_folder(w / "store2", "sweep store", {}, listed=False)
+    old = our_folder(w / "old-run", "defense run", {**RUN_FILES, "pruning.png": "png"}, listed=False)
+    (old / "my_plot.svg").write_text("<svg/>")
+    unknown = our_folder(w / "older-run", None, RUN_FILES, listed=False)
+    (unknown / "notes.md").write_text("# mine")
+    os.symlink(w / "cwd" / "photos", our_folder(w / "linked-run", "defense run", RUN_FILES) / "photos")
+    os.link(w / "cwd" / "thesis.tex", our_folder(w / "hardlinked-run", "defense run", RUN_FILES) / "thesis.tex")
+    read_only = our_folder(w / "read-only-run", "defense run", RUN_FILES)
+    read_only.chmod(0o555)
+    our_folder(w / "holder" / "st", "sweep store", {}, listed=False)
+    our_folder(our_folder(w / "run-holding-store", "defense run", RUN_FILES) / "st", "sweep store", {}, listed=False)
+    os.symlink(w / "v", w / "link-to-v")
+    os.symlink(w / "home", w / "link-to-home")
+    os.symlink(w / "store" / "models", w / "link-to-models")
+
+
 @pytest.fixture
 def world(tmp_path, tiny_checkpoint, monkeypatch):
     """The sentinel tree; the test runs with its ``cwd`` as the current folder and ``home`` as HOME."""
@@ -77,12 +143,15 @@ def world(tmp_path, tiny_checkpoint, monkeypatch):
     write_mask_variants(inputs)
     write_bad_checkpoints(inputs)
     write_sweep_files(inputs)
+    write_hostile_sweep_files(inputs)
     store = tmp_path / "store"
     ResultsStore(store).close()
     (store / MARKER).write_text('{"made_by": "rnp-fast"}')
+    write_rnp_folders(tmp_path)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(cwd)
-    return tmp_path
+    yield tmp_path
+    (tmp_path / "read-only-run").chmod(0o755)  # so that the tree can be removed
 
 
 def defend(*extra: str, out: str = "{w}/new-run") -> list[str]:
@@ -144,12 +213,69 @@ CASES = {
 }
 
 
+def report_into(out: str) -> list[str]:
+    return ["report", "{w}/store", "--out", out]
+
+
+def train_into(out: str) -> list[str]:
+    return ["train-backdoor", "--out", out, *DIGITS, "--epochs", "1"]
+
+
+def sweep_of(name: str, store: str = "{w}/s") -> list[str]:
+    return ["sweep", f"{{w}}/inputs/{name}", "--store", store]
+
+
+ALIASES = "aliases (*a0) are not allowed"
+NOT_A_STORE = "is a defense run made by rnp-fast, not a sweep store"
+
+# Refused before anything is loaded: each within 5 seconds (issue 23).
+QUICK_CASES = {
+    # issue 23, cases 1-4: users' files inside rnp-fast's folders, kinds, and YAML alias bombs
+    "defend into an earlier run holding the user's files": (
+        defend(out="{w}/prev"),
+        "prev/NOTES.txt was not written by rnp-fast; move your files out of",
+    ),
+    "defend onto a sweep store": (defend(out="{w}/store"), "is a sweep store made by rnp-fast, not a defense run"),
+    "report into a trained model inside the store": (
+        report_into("{w}/store/models/abc123"),
+        "is a trained model made by rnp-fast, not a sweep report",
+    ),
+    "sweep with an alias bomb in fixed.attack.attack_param": (sweep_of("bomb_attack_param.yaml"), ALIASES),
+    "sweep with an alias bomb in fixed.trigger.blend.alpha": (sweep_of("bomb_blend_alpha.yaml"), ALIASES),
+    # links, ancestors, nesting and kinds
+    "defend through a link to a user's folder": (defend(out="{w}/link-to-v"), "was not made by rnp-fast"),
+    "demo through a link to the home folder": (["demo", "--out", "{w}/link-to-home"], "home folder"),
+    "defend through a link into a sweep store": (defend(out="{w}/link-to-models/new"), "lies inside"),
+    "defend into a user's folder holding a store": (defend(out="{w}/holder"), "was not made by rnp-fast"),
+    "defend into a run the user put a store in": (defend(out="{w}/run-holding-store"), "st/ was not written"),
+    "defend into a run holding the user's link": (defend(out="{w}/linked-run"), "photos was not written"),
+    "defend into a run holding a hard link to the user's file": (defend(out="{w}/hardlinked-run"), "thesis.tex was"),
+    "defend into a run the user made read-only": (defend(out="{w}/read-only-run"), "is read-only"),
+    "defend into an old-style run holding the user's plot": (defend(out="{w}/old-run"), "my_plot.svg was not"),
+    "defend into an old run whose marker has no kind": (defend(out="{w}/older-run"), "notes.md was not written"),
+    "train-backdoor over a defense run": (train_into("{w}/prev"), "is a defense run made by rnp-fast, not a trained"),
+    "train-backdoor over the store's own trained model": (train_into("{w}/store/models/abc123"), "lies inside"),
+    "sweep --store onto a job inside a store": (sweep_of("small.yaml", "{w}/store/jobs/j1"), NOT_A_STORE),
+    "sweep --store onto a run outside a store": (sweep_of("small.yaml", "{w}/hardlinked-run"), NOT_A_STORE),
+    "report of one store into another store's report": (report_into("{w}/store2/report"), "lies inside"),
+    "demo into a sweep job's folder": (["demo", "--out", "{w}/store/jobs/j1"], "lies inside"),
+    "bench result inside a run": (["bench", "--out", "{w}/prev/bench.json"], "lies inside"),
+    "sweep file nested 100,000 deep": (sweep_of("deep.yaml"), "nested more than 64 deep"),
+    "bench onto a GPU probe's result": (["bench", "--out", "{w}/inputs/probe.json"], "is a probe result made by"),
+    "bench onto the user's JSON nested 100,000 deep": (["bench", "--out", "{w}/inputs/deep.json"], "was not made by"),
+}
+CASES.update(QUICK_CASES)
+
+
 def tree_digest(root: Path) -> dict[str, str]:
-    """Every file and folder under ``root``: path -> content hash ('dir' for folders)."""
+    """Every file, folder and link under ``root``: path -> content hash ('dir', or the link's target)."""
     found = {}
     for path in sorted(root.rglob("*")):
         key = str(path.relative_to(root))
-        found[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.is_symlink():
+            found[key] = f"link to {os.readlink(path)}"
+        else:
+            found[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return found
 
 
@@ -165,32 +291,132 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 def test_refused_with_one_line_and_nothing_touched(case, world, capsys):
     argv, expected = CASES[case]
     before = tree_digest(world)
+    started = time.perf_counter()
     code, err = run_cli([arg.replace("{w}", str(world)) for arg in argv], capsys)
+    seconds = time.perf_counter() - started
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert expected in lines[0], lines[0]
+    assert expected.replace("{w}", str(world)) in lines[0], lines[0]
     assert tree_digest(world) == before, "a file outside the run's own directory changed"
+    assert case not in QUICK_CASES or seconds < 5, f"{seconds:.1f} s to refuse"
 
 
 def test_the_table_covers_at_least_20_cases():
-    assert len(CASES) >= 20
+    assert len(CASES) >= 20 and len(QUICK_CASES) >= 5 + 10  # issue 23's cases and ten more of their kind
 
 
 def test_rerun_replaces_our_own_run_atomically_and_holdout_0_says_where_the_threshold_came_from(world, capsys):
-    """--holdout 0 chooses on the training images and says so; a rerun replaces our own run."""
+    """--holdout 0 chooses on the training images and says so; a rerun replaces our own run, also
+    the files only an earlier run wrote; a hard link the user made to one of its files keeps its
+    content; a --batch-size beyond the defense images is said, with the batch size used."""
     out = world / "run"
     argv = [a.replace("{w}", str(world)) for a in defend("--holdout", "0", out=str(out))]
     assert run_cli(argv, capsys)[0] == 0
     summary = (out / "summary.json").read_text()
     assert '"rule_data": "training images"' in summary and "on the training images" in summary
     assert "threshold is chosen on the training images" in (out / "output.log").read_text()
-    (out / "stale.txt").write_text("from the first run")
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["kind"] == "defense run" and {"summary.json", "purified.safetensors"} <= set(marker["files"])
+    (out / "stale.txt").write_text("from the first run")  # a file an earlier version wrote, and listed
+    (out / MARKER).write_text(json.dumps({**marker, "files": [*marker["files"], "stale.txt"]}))
+    os.link(out / "summary.json", world / "home" / "kept-summary.json")
     before = tree_digest(world / "cwd")
-    assert run_cli(argv + ["--threshold", "0.5"], capsys)[0] == 0
+    assert run_cli(argv + ["--threshold", "0.5", "--batch-size", "100000"], capsys)[0] == 0
     assert not (out / "stale.txt").exists() and (out / MARKER).is_file()  # replaced as a whole
     assert tree_digest(world / "cwd") == before
     assert [p.name for p in world.iterdir() if p.name.startswith(".run.")] == []
+    assert (world / "home" / "kept-summary.json").read_text() == summary
+    rerun_summary = json.loads((out / "summary.json").read_text())
+    log = (out / "output.log").read_text()
+    assert "--batch-size 100000 >" in log and "defense images: batches of" in log, log
+    assert rerun_summary["threshold"] == 0.5
+
+
+def test_users_files_make_a_rerun_refuse_and_moving_them_out_lets_it_replace(world, capsys):
+    """The rule for files inside rnp-fast's folders (README, "Your files are safe"): rnp-fast
+    replaces a folder only as a whole, so it refuses while the user's files are in it, naming the
+    first; once they are moved out, the same command replaces the run."""
+    argv = [a.replace("{w}", str(world)) for a in defend("--threshold", "0.5", out=str(world / "prev"))]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "prev/NOTES.txt was not written by rnp-fast" in err, err
+    shutil.move(world / "prev" / "NOTES.txt", world / "v" / "NOTES.txt")
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "prev/mine/ was not written by rnp-fast" in err, err
+    shutil.move(world / "prev" / "mine", world / "v" / "mine")
+    assert run_cli(argv, capsys)[0] == 0
+    assert (world / "prev" / "purified.safetensors").is_file()
+    assert (world / "v" / "NOTES.txt").read_text() == "what I saw in this run"
+
+
+def test_an_old_marker_without_a_file_list_is_replaced_when_it_holds_only_rnp_fast_names(tmp_path):
+    old = our_folder(tmp_path / "old", "run", {"summary.json": "{}", "pruning_by_threshold.txt": "t"}, listed=False)
+    with RunDirectory(old) as run:
+        run.write_text("summary.json", '{"new": 1}')
+    assert sorted(p.name for p in old.iterdir()) == [MARKER, "summary.json"]
+    assert json.loads((old / MARKER).read_text())["files"] == ["summary.json"]
+
+
+def test_a_file_the_user_adds_during_the_run_stops_the_swap(tmp_path):
+    """Exit 1, one line naming it; the previous result and the user's file stay; no staging left."""
+    target = tmp_path / "run"
+    with RunDirectory(target) as run:
+        run.write_text("summary.json", "{}")
+    previous = tree_digest(target)
+    with pytest.raises(OutputError) as refused, RunDirectory(target) as run:
+        run.write_text("summary.json", '{"new": 1}')
+        (target / "notes.txt").write_text("mine")
+    assert refused.value.exit_code == 1 and "notes.txt appeared during the run" in str(refused.value)
+    assert tree_digest(target) == {**previous, "notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_second_command_into_an_output_being_written_is_refused(world, capsys):
+    """Two commands racing into one --out: while one writes (it holds its staging folder's lock),
+    the other exits 2 with one line, touching nothing; after it, the output is the first's."""
+    target = world / "raced"
+    argv = [a.replace("{w}", str(world)) for a in defend("--threshold", "0.5", out=str(target))]
+    with RunDirectory(target) as first:
+        first.write_text("summary.json", '{"first": 1}')
+        before = tree_digest(world)
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"is writing {target} now" in err, err
+        assert tree_digest(world) == before
+    assert json.loads((target / "summary.json").read_text()) == {"first": 1}
+
+
+def race_writer(target: str, label: str, hold: float, queue) -> None:
+    """One of two processes writing the same target (forked: no interpreter start-up)."""
+    try:
+        with RunDirectory(target) as run:
+            run.write_text("who.txt", label)
+            time.sleep(hold)
+        queue.put((label, "done"))
+    except OutputError as error:
+        queue.put((label, str(error)))
+
+
+def test_two_processes_racing_into_one_output_leave_one_complete_result(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    target = str(tmp_path / "out")
+    first = context.Process(target=race_writer, args=(target, "first", 1.5, queue))
+    first.start()
+    deadline = time.monotonic() + 20
+    while not any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = context.Process(target=race_writer, args=(target, "second", 0.0, queue))
+    second.start()
+    for process in (first, second):
+        process.join(30)
+    outcomes = dict(queue.get(timeout=5) for _ in range(2))
+    assert outcomes["first"] == "done"
+    assert "another rnp-fast command" in outcomes["second"] and "is writing" in outcomes["second"]
+    assert (tmp_path / "out" / "who.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_an_empty_folder_is_a_fine_output(world, capsys):
@@ -214,6 +440,56 @@ def test_an_os_error_mid_run_is_one_line_exit_1_and_keeps_the_previous_result(wo
     assert "No space left on device" in err
     assert tree_digest(out) == previous
     assert [p.name for p in world.iterdir() if p.name.startswith(".run.")] == []  # staging removed
+
+
+def test_safetensors_disk_full_is_one_line_exit_1_and_keeps_the_previous_result(world, capsys, monkeypatch):
+    """safetensors raises its own SafetensorError (not OSError) on a full disk: still one line, exit 1."""
+    from safetensors import SafetensorError
+
+    out = our_folder(world / "run", "defense run", RUN_FILES)  # an earlier run's result
+    argv = [a.replace("{w}", str(world)) for a in defend("--threshold", "0.5", out=str(out))]
+    previous = tree_digest(out)
+
+    def disk_full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    code, err = run_cli(argv, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"cannot write {out}/purified.safetensors: No space left on device" in err, err
+    assert tree_digest(out) == previous
+    assert [p.name for p in world.iterdir() if p.name.startswith(".run.")] == []
+
+
+def test_a_full_disk_under_torch_save_is_an_os_error(tmp_path):
+    """torch's own writer reports a failed write as RuntimeError('unexpected pos ...'); ours as OSError."""
+    from rnp_fast.checkpoint import save_reference_checkpoint
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with pytest.raises(OSError) as failed:
+        save_reference_checkpoint({"w": torch.zeros(100_000)}, Path("/dev/full"))
+    assert failed.value.errno == 28
+
+
+def test_sigterm_is_handled_like_ctrl_c(world, tmp_path):
+    """Exit 143, one line, the staging folder removed, no previous result touched."""
+    out = world / "terminated"
+    argv = [a.replace("{w}", str(world)) for a in defend("--threshold", "0.5", out=str(out))]
+    argv[argv.index("--recovering-epochs") + 1] = "200"  # long enough to be stopped midway
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rnp_fast", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".terminated.partial-") for p in world.iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines() == ["rnp-fast: terminated (SIGTERM); nothing was replaced"], err
+    assert not out.exists() and [p.name for p in world.iterdir() if p.name.startswith(".terminated.")] == []
 
 
 def test_the_mask_checks_accept_the_references_published_file(reference_file):

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from rnp_fast.outputs import writing_inside
 from rnp_fast.provenance import versions
 from rnp_fast.sweep.job import Job
 
@@ -62,8 +63,9 @@ def intra_op_threads(count: int):
 def run_job_here(job: Job, models_dir: Path, job_dir: Path, device: str, keep_purified: bool) -> dict:
     started = time.time()
     try:
-        model_path, trained = backdoored_model(job, Path(models_dir), device)
-        summary = defend(job, model_path, Path(job_dir), device)
+        with writing_inside(Path(models_dir).parent):  # the store's own writes (see outputs)
+            model_path, trained = backdoored_model(job, Path(models_dir), device)
+            summary = defend(job, model_path, Path(job_dir), device)
     except Exception as error:  # any failure is this job's, recorded in its row; the sweep goes on
         return {"error": one_line(error), "traceback": traceback.format_exc(), "started_at": started}
     if not keep_purified:

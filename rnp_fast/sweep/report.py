@@ -6,11 +6,12 @@ Reads only finished jobs, so it can run while the sweep is still going; writes `
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
 from rnp_fast.errors import UserError
-from rnp_fast.outputs import RunDirectory, vet_output
+from rnp_fast.outputs import SWEEP_REPORT, RunDirectory, vet_output, writing_inside
 from rnp_fast.sweep.curves import plot_attack
 from rnp_fast.sweep.store import DATABASE, open_existing
 from rnp_fast.sweep.table import group_rows, table_rows, to_csv, to_markdown
@@ -18,7 +19,8 @@ from rnp_fast.sweep.table import group_rows, table_rows, to_csv, to_markdown
 
 def write_report(store_path: str, out: str | None = None) -> dict:
     if out is not None:
-        vet_output(out, [store_path])  # before reading anything: never replace what we did not make
+        with own_report_folder(store_path, out):  # before reading anything: never replace what we did not make
+            vet_output(out, [store_path], kind=SWEEP_REPORT)
     store = open_existing(store_path)
     try:
         rows, counts = store.rows("done"), store.counts()
@@ -30,7 +32,10 @@ def write_report(store_path: str, out: str | None = None) -> dict:
     table = table_rows(names, groups)
     target = Path(out) if out else store.directory / "report"
     plots = []
-    with RunDirectory(target, [store.directory / DATABASE], kind="sweep report") as run:
+    with (
+        own_report_folder(store.directory, target),
+        RunDirectory(target, [store.directory / DATABASE], SWEEP_REPORT) as run,
+    ):
         run.write_text("results.md", heading(counts) + to_markdown(names, table))
         run.write_text("results.csv", to_csv(table))
         for attack in sorted({g.settings["attack"] for g in groups}):
@@ -46,6 +51,14 @@ def write_report(store_path: str, out: str | None = None) -> dict:
         "rows": len(table),
         "jobs": counts,
     }
+
+
+def own_report_folder(store: str | Path, target: str | Path):
+    """The store's ``report/`` is the one folder inside a store that `report` may write (see outputs)."""
+    store = Path(store)
+    store = store.parent if store.name == DATABASE else store
+    own = Path(target).expanduser().resolve() == (store / "report").resolve()
+    return writing_inside(store) if own else contextlib.nullcontext()
 
 
 def heading(counts: dict) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rnp_fast.config import SweepRunConfig
 from rnp_fast.errors import UserError
-from rnp_fast.outputs import is_ours, vet_output
+from rnp_fast.outputs import SWEEP_STORE, is_ours, vet_output, writing_inside
 from rnp_fast.sweep.job import Job
 from rnp_fast.sweep.progress import SweepLog
 from rnp_fast.sweep.spec import Sweep, load_sweep
@@ -44,11 +44,11 @@ class StorePaths:
 
 def run_sweep(sweep_file: str, options: SweepRunConfig) -> dict:
     started = time.perf_counter()
-    directory = vet_output(options.store, [sweep_file], flag="--store", owned=is_store)
+    directory = vet_output(options.store, [sweep_file], flag="--store", owned=is_store, kind=SWEEP_STORE)
     sweep = load_sweep(sweep_file, options.max_jobs)  # every check happens here, before anything is written
     backend = make_backend(options)
     try:
-        with exclusive(directory):
+        with exclusive(directory), writing_inside(directory):  # its jobs, models (and Ray's artifacts)
             store = ResultsStore(directory)
             try:
                 counts = run_pending(sweep, store, backend, StorePaths(directory, sweep.keep_purified), options)
