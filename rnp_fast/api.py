@@ -34,7 +34,7 @@ from rnp_fast.inputs import caller_test_sets, image_set
 from rnp_fast.loaders.sources import DataSource
 from rnp_fast.models.swap import batchnorm_layers, check_maskable, swap_batchnorm
 from rnp_fast.outputs import RunDirectory
-from rnp_fast.prune import Channel, make_step, prune_, rank_channels, single_threshold_step
+from rnp_fast.prune import Channel, lowest_step, prune_, rank_channels, single_threshold_step
 from rnp_fast.report import check_every_channel_listed, check_mask_value
 from rnp_fast.resolved import ModelFactory, ResolvedRun, resolve_run
 from rnp_fast.runlog import RunLog
@@ -143,7 +143,7 @@ def prune_model(
     if threshold is not None:
         step = single_threshold_step(ranked, threshold)
     else:
-        step = make_step(ranked, float(count), min(int(count), len(ranked)))
+        step = lowest_step(ranked, float(count), min(int(count), len(ranked)))
     return prune_(copy.deepcopy(model), step.channels)
 
 

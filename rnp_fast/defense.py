@@ -17,6 +17,7 @@ separately, as the reference does.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,13 +80,14 @@ def run_defense(job: DefendJob, reuse: bool = False, source: DataSource | None =
     vet_output(job.out, job.reads(), kind=DEFENSE_RUN)  # before any work: never replace what rnp-fast did not make
     run = resolve_run(job.model, job.data, job.attack, job.engine, reuse=reuse, source=source)
     inputs = load_inputs(job, run)
-    with RunDirectory(job.out, job.reads(), kind="defense run") as out:
-        log = RunLog(out.path("output.log"), job.engine.quiet)
-        try:
-            defense = compute_defense(job, run, inputs, log=log, started=started)
-            return write_defense(out, defense, started)
-        finally:
-            log.close()
+    with RunDirectory(job.out, job.reads(), kind="defense run") as out, run_log(out, job) as log:
+        defense = compute_defense(job, run, inputs, log=log, started=started)
+        return write_defense(out, defense, started)
+
+
+def run_log(out: RunDirectory, job: DefendJob) -> closing[RunLog]:
+    """output.log in the run directory (and the terminal unless quiet), closed with the run."""
+    return closing(RunLog(out.path("output.log"), job.engine.quiet))
 
 
 def compute_defense(

@@ -60,17 +60,18 @@ def threshold_steps(ranked: list[Channel], levels: list[float]) -> list[PruneSte
     """One step per threshold t, pruning every channel whose mask value is <= t."""
     values = torch.tensor([channel.value for channel in ranked], dtype=torch.float64)
     counts = torch.searchsorted(values, torch.tensor(levels, dtype=torch.float64), right=True).tolist()
-    return [make_step(ranked, level, count) for level, count in zip(levels, counts, strict=True)]
+    return [lowest_step(ranked, level, count) for level, count in zip(levels, counts, strict=True)]
 
 
-def make_step(ranked: list[Channel], label: float, count: int) -> PruneStep:
+def lowest_step(ranked: list[Channel], label: float, count: int) -> PruneStep:
+    """The candidate pruning the ``count`` lowest channels of ``ranked``, labelled ``label``."""
     boundary = ranked[count] if count < len(ranked) else None
     return PruneStep(label, count, ranked[:count], boundary)
 
 
 def number_schedule(ranked: list[Channel], maximum: int, step: int) -> list[PruneStep]:
     counts = range(int(step), min(int(maximum), len(ranked)) + 1, int(step))
-    return [make_step(ranked, float(count), count) for count in counts]
+    return [lowest_step(ranked, float(count), count) for count in counts]
 
 
 def schedule(ranked: list[Channel], by: str, maximum: float, step: float) -> list[PruneStep]:

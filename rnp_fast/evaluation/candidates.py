@@ -279,7 +279,8 @@ class BatchedScoring:
         whole network runs slowest per image at large batches there (they fall out of cache), but
         with prefix sharing the early, large stages see only the images, not the candidates; on
         the demo defense 4x took 5.1-5.2 s against 5.9 s at 1x, 5.0-5.6 s at 2x and 6.2-6.5 s at
-        8x (a rough check: two defenses per setting on a 2-core Xeon, not saved). On CUDA: half the free memory, counting each stage's live activations."""
+        8x (a rough check: two defenses per setting on a 2-core Xeon, not saved). On CUDA: half the
+        free memory, counting each stage's live activations."""
         if network.device.type != "cuda":
             return CPU_ROWS_PER_BATCH * self.batch_size
         per_row = activation_bytes_per_image(network, self.prepare(self.image_sets[0][:1])) * LIVE_TENSORS_PER_STAGE
