@@ -23,6 +23,7 @@ from torch import nn
 
 from rnp_fast.errors import UserError
 from rnp_fast.evaluation.test_sets import TestSets
+from rnp_fast.loaders.augment import normalisation, normalise
 from rnp_fast.loaders.sources import ImageSet
 
 
@@ -61,9 +62,7 @@ def output_classes(model: nn.Module, images: torch.Tensor, mean, std) -> int:
     reference = next(itertools.chain(model.parameters(), model.buffers()), None)
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
-    shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    scale = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    batch = ((images.float() / 255 - shift) / scale).to(device=device, dtype=dtype)
+    batch = normalise(images.cpu(), *normalisation(mean, std, "cpu")).to(device=device, dtype=dtype)
     was_training = model.training
     model.eval()
     try:
