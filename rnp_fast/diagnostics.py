@@ -177,3 +177,20 @@ def write_diagnostics(out, report: TargetReport, steps: list[PruneStep], chosen:
     labels = [step.label for step in steps]
     out.write_json("diagnostics.json", report.as_dict(labels))
     plot_per_class(out.path("per_class.png"), labels, report, chosen, by)
+
+
+def target_diagnostics(defense, backdoored: nn.Module, log) -> TargetReport:
+    """`target_report`, with its findings in the run's log: the suspected target class and, at the
+    chosen step, the class whose held-out accuracy fell most."""
+    report = target_report(defense, backdoored)
+    if report.histogram is not None:
+        log.info(report.histogram.describe())
+    index = defense.pruning.choice.index
+    if index is not None:
+        drops = [base - after for base, after in zip(report.base, report.per_step[index], strict=True)]
+        worst = max(range(len(drops)), key=lambda c: drops[c] if drops[c] == drops[c] else float("-inf"))
+        log.info(
+            f"at the chosen step, class {worst}'s held-out accuracy changed most: "
+            f"{report.base[worst]:.3f} -> {report.per_step[index][worst]:.3f} (per class: diagnostics.json)"
+        )
+    return report

@@ -107,3 +107,33 @@ def test_a_defense_s_per_class_accuracies_add_up_to_its_rule_s_accuracies(tiny_c
     saved = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
     assert saved["unlearned_prediction_histogram"]["counts"] == report.histogram.counts
     assert (tmp_path / "run" / "per_class.png").stat().st_size > 0
+
+
+def test_a_defense_run_saves_its_diagnostics(tiny_checkpoint, tmp_path):
+    import csv
+    import json
+
+    from tests_support import TINY_WIDTH
+
+    from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
+    from rnp_fast.defense import DefendJob, run_defense
+
+    out = tmp_path / "run"
+    run_defense(
+        DefendJob(
+            model_path=str(tiny_checkpoint),
+            out=str(out),
+            model=ModelConfig(width=TINY_WIDTH),
+            data=DataConfig(dataset="digits", ratio=0.1, batch_size=32, eval_batch_size=256),
+            attack=AttackConfig(),
+            rnp=RNPConfig(unlearning_epochs=1, recovering_epochs=2, clean_threshold=0.0, pruning_step=0.3),
+            engine=EngineConfig(device="cpu", quiet=True),
+        )
+    )
+    rows = list(csv.DictReader((out / "pruning.csv").open()))
+    assert len(rows) == 4 and all(f"holdout_acc_class_{c}" in rows[0] for c in range(10))
+    saved = json.loads((out / "diagnostics.json").read_text())
+    assert len(saved["holdout_acc_per_class"]) == 4
+    assert sum(saved["unlearned_prediction_histogram"]["counts"]) > 0
+    assert (out / "per_class.png").is_file()
+    assert "suspected backdoor target" in (out / "output.log").read_text()
