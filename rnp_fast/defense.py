@@ -45,6 +45,7 @@ from rnp_fast.defense_stages import (
     unlearn_stage,
 )
 from rnp_fast.device import describe_device
+from rnp_fast.diagnostics import TargetReport, target_diagnostics, write_diagnostics
 from rnp_fast.evaluation.metrics import defense_effectiveness
 from rnp_fast.loaders.sources import DataSource
 from rnp_fast.outputs import DEFENSE_RUN, RunDirectory, vet_output
@@ -82,7 +83,8 @@ def run_defense(job: DefendJob, reuse: bool = False, source: DataSource | None =
     inputs = load_inputs(job, run)
     with RunDirectory(job.out, job.reads(), kind="defense run") as out, run_log(out, job) as log:
         defense = compute_defense(job, run, inputs, log=log, started=started)
-        return write_defense(out, defense, started)
+        diagnostics = target_diagnostics(defense, inputs.backdoored, log)  # beyond the paper: clean data only
+        return write_defense(out, defense, started, diagnostics)
 
 
 def run_log(out: RunDirectory, job: DefendJob) -> closing[RunLog]:
@@ -159,18 +161,19 @@ class Defense:
         return make_summary(self, self.seconds if total is None else total)
 
 
-def write_defense(out: RunDirectory, defense: Defense, started: float) -> dict:
+def write_defense(out: RunDirectory, defense: Defense, started: float, diagnostics: TargetReport | None = None) -> dict:
     """Every file of the run directory; the summary's total counts until the results are written."""
-    write_results(out, defense)
+    write_results(out, defense, diagnostics)
     summary = defense.summary(time.perf_counter() - started)
     write_summary(out, defense, summary)
     return summary
 
 
-def write_results(out: RunDirectory, defense: Defense) -> None:
-    """Masks, pruning tables, plot and purified model (the summary comes after, with the total time)."""
+def write_results(out: RunDirectory, defense: Defense, diagnostics: TargetReport | None = None) -> None:
+    """Masks, pruning tables, plot and purified model (the summary comes after, with the total time);
+    ``diagnostics``: also the per-class columns, diagnostics.json and per_class.png."""
     out.write_text("mask_values.txt", format_mask_values(defense.channels))
-    write_outputs(out, defense.job, defense.pruning, defense.purified)
+    write_outputs(out, defense.job, defense.pruning, defense.purified, diagnostics)
 
 
 def write_summary(out: RunDirectory, defense: Defense, summary: dict) -> None:
@@ -178,10 +181,15 @@ def write_summary(out: RunDirectory, defense: Defense, summary: dict) -> None:
     out.write_json("config.json", resolved_config(defense.job, defense.run.device))
 
 
-def write_outputs(out: RunDirectory, job: DefendJob, pruning: Pruning, purified: nn.Module) -> None:
+def write_outputs(
+    out: RunDirectory, job: DefendJob, pruning: Pruning, purified: nn.Module, diagnostics: TargetReport | None = None
+) -> None:
     by = job.rnp.pruning_by
     out.write_text(f"pruning_by_{by}.txt", format_pruning_table(pruning.steps, pruning.metrics, by))
-    out.write_text("pruning.csv", format_pruning_csv(pruning.steps, pruning.metrics, pruning.holdout))
+    per_class = diagnostics.per_step if diagnostics else None
+    out.write_text("pruning.csv", format_pruning_csv(pruning.steps, pruning.metrics, pruning.holdout, per_class))
+    if diagnostics is not None:
+        write_diagnostics(out, diagnostics, pruning.steps, pruning.choice.index, by)
     plot_pruning(out.path("pruning.png"), pruning.steps, pruning.metrics, by, pruning.choice.index)
     save_purified(out, purified, pruning.chosen, job)
 
