@@ -249,7 +249,10 @@ def vet_output(
     elif status != "directory":
         raise OutputError(f"{flag} {target} exists and is not a directory")
     elif not is_empty(target):
-        refuse_unless_replaceable(target, kind, flag, owned)  # first: the line names what the target is
+        try:
+            refuse_unless_replaceable(target, kind, flag, owned)  # first: the line names what the target is
+        except OSError as error:  # a folder in it the user made unreadable
+            raise os_error(Path(error.filename or target), error) from None
     refuse_inside_our_folder(target, flag)
     refuse_live_writer(target, flag)
     return target

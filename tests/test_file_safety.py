@@ -498,3 +498,18 @@ def test_the_mask_checks_accept_the_references_published_file(reference_file):
     sizes = batchnorm_sizes(build_model("resnet18", 10))
     channels = read_mask_file(reference_file("mask_values.txt"), sizes)
     assert len(channels) == 4800 and all(0 <= c.value <= 1 and math.isfinite(c.value) for c in channels)
+
+
+def test_an_error_line_looks_at_a_bounded_part_of_any_value():
+    """What the alias bomb reached before aliases were refused: check_value's message repr'd the
+    whole value (9**10 leaves, shared). Now it looks at a few items, for any value, in no time."""
+    from rnp_fast.sweep.spec import SweepFileError, check_value
+
+    bomb = ["x"] * 9
+    for _ in range(9):
+        bomb = [bomb] * 9
+    for path, value in (("attack.attack_param", bomb), ("attack.attack", "x" * 500_000)):
+        started = time.perf_counter()
+        with pytest.raises(SweepFileError) as refused:
+            check_value(path, value, "s.yaml", f"fixed.{path}")
+        assert time.perf_counter() - started < 1 and len(str(refused.value)) < 300, str(refused.value)[:400]

@@ -261,7 +261,7 @@ def check_value(path: str, value, source: str, key: str) -> None:
     if path_kind(path) == "trigger" and not scalar:
         raise SweepFileError(source, key, f"expected a number, a string or null, got {describe(value)}")
     if path == "attack.attack" and value not in TRIGGERS:
-        raise SweepFileError(source, key, f"unknown attack {value!r} (valid: {', '.join(TRIGGERS)})")
+        raise SweepFileError(source, key, f"unknown attack {SHORT_REPR.repr(value)} (valid: {', '.join(TRIGGERS)})")
 
 
 def fits_type(value, expected: str) -> bool:
