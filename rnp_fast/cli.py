@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from rnp_fast import __version__
 from rnp_fast.config import (
@@ -165,7 +166,22 @@ def add_sweep_commands(commands) -> None:
     report.add_argument("--out", help="directory for the report (default: STORE/report)")
 
 
+def refuse_output_early(out, kind: str, *reads, owned=None) -> None:
+    """Refuse an output path before torch is imported (seconds on a loaded machine), with the
+    inputs named on the command line; the command checks it again, with all it reads, before work."""
+    from rnp_fast.outputs import vet_output
+
+    vet_output(out, reads, flag="--store" if kind == "sweep store" else "--out", owned=owned, kind=kind)
+
+
+def attack_param_values(args) -> list[str]:
+    """--attack-param VALUEs: those naming files are inputs an output must not hold."""
+    return [item.partition("=")[2] for item in getattr(args, "attack_param", None) or []]
+
+
 def run_defend(args) -> dict:
+    reads = (args.model, args.mask_file, args.unlearned_model, args.data_dir, *attack_param_values(args))
+    refuse_output_early(args.out, "defense run", *reads)
     from rnp_fast.defense import DefendJob, run_defense
 
     job = DefendJob(
@@ -184,6 +200,7 @@ def run_defend(args) -> dict:
 
 
 def run_train(args) -> dict:
+    refuse_output_early(args.out, "trained model", args.data_dir, args.train_beton, *attack_param_values(args))
     from rnp_fast.train import train_backdoor
 
     return train_backdoor(
@@ -203,6 +220,7 @@ def run_convert(args) -> dict:
 
 
 def run_demo(args) -> dict:
+    refuse_output_early(args.out, "defense run")
     from rnp_fast.demo import demo_job
     from rnp_fast.demo import run_demo as demo
 
@@ -211,6 +229,11 @@ def run_demo(args) -> dict:
 
 
 def run_sweep_command(args) -> dict:
+    from rnp_fast.outputs import is_rnp_fast_folder
+    from rnp_fast.sweep.sweep_file import read_yaml
+
+    refuse_output_early(args.store, "sweep store", args.sweep_file, owned=is_rnp_fast_folder)
+    read_yaml(Path(args.sweep_file))  # aliases, deep nesting, a huge file: refused before torch is imported
     from rnp_fast.sweep.runner import run_sweep
 
     return run_sweep(args.sweep_file, config_from_args(SweepRunConfig, args))
