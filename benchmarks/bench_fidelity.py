@@ -158,8 +158,11 @@ def verdict(identical: bool, same: bool, seeds: int, rho: float) -> str:
     return f"DIFFERENT at {seeds} seeds: a paired 95 % interval excludes 0 (masks' rank correlation {rho:.3f})"
 
 
-def fidelity(device: str, seeds: list[int], settings: dict[str, dict] | None = None, dry_run: bool = False) -> dict:
-    """The whole comparison (the GPU probe's science section calls this); masks are left out of the result."""
+def fidelity(
+    device: str, seeds: list[int], settings: dict[str, dict] | None = None, dry_run: bool = False, on_setting=None
+) -> dict:
+    """The whole comparison (the GPU probe's science section calls this); masks are left out of the
+    result. ``on_setting(result)``: called after each setting, so a stopped run keeps what it measured."""
     rnp_overrides = DRY_RUN_RNP if dry_run else {}
     if settings is None:
         settings = settings_for(device)
@@ -171,7 +174,9 @@ def fidelity(device: str, seeds: list[int], settings: dict[str, dict] | None = N
         print(f"setting {name}: {fields}", file=sys.stderr, flush=True)
         runs = defend_setting(device, fields, seeds, rnp_overrides)
         result["settings"][name] = {"engine": fields, **compare(baseline, runs), "seconds": sum_seconds(runs)}
-    result["baseline_seconds"] = sum_seconds(baseline)
+        result["baseline_seconds"] = sum_seconds(baseline)
+        if on_setting is not None:
+            on_setting(result)
     return result
 
 
@@ -189,11 +194,14 @@ def main() -> None:
     args = parser.parse_args()
     seeds = list(range(2 if args.dry_run else args.seeds))
     settings = {name: settings_for(args.device)[name] for name in args.setting} if args.setting else None
-    result = fidelity(args.device, seeds, settings, args.dry_run)
+
+    def save(result: dict) -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps({**provenance(args.device), **result}, indent=1) + "\n")
+
+    result = fidelity(args.device, seeds, settings, args.dry_run, on_setting=save)
     for name, entry in result["settings"].items():
         print(f"{name}: {entry['verdict']}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({**provenance(args.device), **result}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
