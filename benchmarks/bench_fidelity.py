@@ -19,17 +19,15 @@ tables as ``--mode reference``; on CUDA the baseline is ``--mode reference`` its
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
+from rnp_fast import harness
 from rnp_fast.config import EngineConfig
-from rnp_fast.provenance import provenance
 
 METRICS = ("asr_after", "clean_acc_after", "clean_acc_full_after", "pruned")
 CPU_SETTINGS = {
@@ -195,9 +193,9 @@ def main() -> None:
     seeds = list(range(2 if args.dry_run else args.seeds))
     settings = {name: settings_for(args.device)[name] for name in args.setting} if args.setting else None
 
-    def save(result: dict) -> None:
+    def save(result: dict) -> None:  # provenance first, atomically, never over a file rnp-fast did not make
         if args.out:
-            Path(args.out).write_text(json.dumps({**provenance(args.device), **result}, indent=1) + "\n")
+            harness.save(harness.with_provenance(result, args.device), args.out)
 
     result = fidelity(args.device, seeds, settings, args.dry_run, on_setting=save)
     for name, entry in result["settings"].items():
@@ -205,4 +203,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.run(main)
