@@ -1,5 +1,7 @@
 """Target-class diagnostics: the predicted-class histogram and per-class accuracy per candidate."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -14,6 +16,14 @@ from rnp_fast.evaluation.scoring import ScoringOptions
 from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.models import build_model
 from rnp_fast.prune import Channel, PruneStep
+
+TINY_RNP = dict(unlearning_epochs=1, recovering_epochs=2, pruning_step=0.3)
+
+
+def tiny_job(model, out):
+    from test_pipeline import job
+
+    return job(model, out, rnp=TINY_RNP)
 
 
 class Constant(nn.Module):
@@ -74,23 +84,12 @@ def test_a_defense_s_per_class_accuracies_add_up_to_its_rule_s_accuracies(tiny_c
     import json
     import math
 
-    from tests_support import TINY_WIDTH
-
-    from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
-    from rnp_fast.defense import DefendJob, compute_defense, load_inputs
+    from rnp_fast.defense import compute_defense, load_inputs
     from rnp_fast.diagnostics import target_report, write_diagnostics
     from rnp_fast.outputs import RunDirectory
     from rnp_fast.resolved import resolve_run
 
-    job = DefendJob(
-        model_path=str(tiny_checkpoint),
-        out=None,
-        model=ModelConfig(width=TINY_WIDTH),
-        data=DataConfig(dataset="digits", ratio=0.1, batch_size=32, eval_batch_size=256),
-        attack=AttackConfig(),
-        rnp=RNPConfig(unlearning_epochs=1, recovering_epochs=2, clean_threshold=0.0, pruning_step=0.3),
-        engine=EngineConfig(device="cpu", quiet=True),
-    )
+    job = replace(tiny_job(tiny_checkpoint, None), out=None)
     run = resolve_run(job.model, job.data, job.attack, job.engine)
     inputs = load_inputs(job, run)
     defense = compute_defense(job, run, inputs)
@@ -113,23 +112,10 @@ def test_a_defense_run_saves_its_diagnostics(tiny_checkpoint, tmp_path):
     import csv
     import json
 
-    from tests_support import TINY_WIDTH
-
-    from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
-    from rnp_fast.defense import DefendJob, run_defense
+    from rnp_fast.defense import run_defense
 
     out = tmp_path / "run"
-    run_defense(
-        DefendJob(
-            model_path=str(tiny_checkpoint),
-            out=str(out),
-            model=ModelConfig(width=TINY_WIDTH),
-            data=DataConfig(dataset="digits", ratio=0.1, batch_size=32, eval_batch_size=256),
-            attack=AttackConfig(),
-            rnp=RNPConfig(unlearning_epochs=1, recovering_epochs=2, clean_threshold=0.0, pruning_step=0.3),
-            engine=EngineConfig(device="cpu", quiet=True),
-        )
-    )
+    run_defense(tiny_job(tiny_checkpoint, out))
     rows = list(csv.DictReader((out / "pruning.csv").open()))
     assert len(rows) == 4 and all(f"holdout_acc_class_{c}" in rows[0] for c in range(10))
     saved = json.loads((out / "diagnostics.json").read_text())

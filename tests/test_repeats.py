@@ -8,7 +8,6 @@ from dataclasses import replace
 import pytest
 from tests_support import TINY_WIDTH
 
-from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
 from rnp_fast.evaluation.metrics import Metrics
 from rnp_fast.repeats import CurvePoint, Goal, SeedOutcome, aggregate, headline
 
@@ -62,17 +61,9 @@ def test_no_seeds_is_an_error():
 
 
 def tiny_job(model, out):
-    from rnp_fast.defense import DefendJob
+    from test_pipeline import job
 
-    return DefendJob(
-        model_path=str(model),
-        out=str(out),
-        model=ModelConfig(width=TINY_WIDTH),
-        data=DataConfig(dataset="digits", ratio=0.1, batch_size=32, eval_batch_size=256),
-        attack=AttackConfig(),
-        rnp=RNPConfig(**SHORT),
-        engine=EngineConfig(device="cpu", quiet=True),
-    )
+    return job(model, out, rnp=SHORT)
 
 
 def test_a_tiny_repeated_run_reports_every_seed_and_writes_its_files(tiny_checkpoint, tmp_path, capsys):
