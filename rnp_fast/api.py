@@ -33,7 +33,7 @@ from rnp_fast.evaluation.metrics import Metrics
 from rnp_fast.inputs import caller_test_sets, image_set
 from rnp_fast.loaders.sources import DataSource
 from rnp_fast.models.swap import batchnorm_layers, check_maskable, swap_batchnorm
-from rnp_fast.outputs import RunDirectory
+from rnp_fast.outputs import DEFENSE_RUN, RunDirectory
 from rnp_fast.prune import Channel, lowest_step, prune_, rank_channels, single_threshold_step
 from rnp_fast.report import check_every_channel_listed, check_mask_value
 from rnp_fast.resolved import ModelFactory, ResolvedRun, resolve_run
@@ -68,7 +68,7 @@ class DefenseResult:
     def save(self, out: str | Path) -> Path:
         """Write the run directory the CLI writes (mask values, pruning tables, plot, purified
         model, summary, config, log), atomically; never over a folder rnp-fast did not make."""
-        with RunDirectory(out, kind="defense run") as directory:
+        with RunDirectory(out, kind=DEFENSE_RUN) as directory:
             directory.write_text("output.log", "".join(line + "\n" for line in self.log_lines))
             write_results(directory, self.defense)
             write_summary(directory, self.defense, self.summary)

@@ -81,7 +81,7 @@ def run_defense(job: DefendJob, reuse: bool = False, source: DataSource | None =
     vet_output(job.out, job.reads(), kind=DEFENSE_RUN)  # before any work: never replace what rnp-fast did not make
     run = resolve_run(job.model, job.data, job.attack, job.engine, reuse=reuse, source=source)
     inputs = load_inputs(job, run)
-    with RunDirectory(job.out, job.reads(), kind="defense run") as out, run_log(out, job) as log:
+    with RunDirectory(job.out, job.reads(), kind=DEFENSE_RUN) as out, run_log(out, job) as log:
         defense = compute_defense(job, run, inputs, log=log, started=started)
         diagnostics = target_diagnostics(defense, inputs.backdoored, log)  # beyond the paper: clean data only
         return write_defense(out, defense, started, diagnostics)

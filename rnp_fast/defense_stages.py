@@ -32,7 +32,7 @@ from rnp_fast.unlearn import unlearn
 UNPRUNED = PruneStep(label=float("nan"), count=0, channels=[])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Inputs:
     """The models and masks a defense starts from (checked before the run directory exists)."""
 
