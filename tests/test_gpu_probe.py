@@ -44,8 +44,8 @@ def dry_run(gpu_probe, tmp_path_factory):
     snapshots = []
     save_json = gpu_probe.save_json
 
-    def save_and_read_back(data, path):
-        saved = save_json(data, path)
+    def save_and_read_back(data, path, **options):  # options: the file's kind
+        saved = save_json(data, path, **options)
         snapshots.append(json.loads(Path(path).read_text()))  # raises if not valid JSON
         return saved
 
