@@ -28,6 +28,7 @@ from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig,
 from rnp_fast.defense import DefendJob, Defense, compute_defense, write_results, write_summary
 from rnp_fast.defense_stages import Inputs, load_defense_data, recover_stage, unlearn_stage
 from rnp_fast.device import resolve_device
+from rnp_fast.diagnostics import TargetReport, target_diagnostics
 from rnp_fast.errors import UserError
 from rnp_fast.evaluation.metrics import Metrics
 from rnp_fast.inputs import caller_test_sets, image_set
@@ -64,13 +65,14 @@ class DefenseResult:
     summary: dict  # what summary.json holds
     defense: Defense = field(repr=False)
     log_lines: list[str] = field(default_factory=list, repr=False)
+    diagnostics: TargetReport | None = field(default=None, repr=False)  # the target-class diagnostics
 
     def save(self, out: str | Path) -> Path:
         """Write the run directory the CLI writes (mask values, pruning tables, plot, purified
         model, summary, config, log), atomically; never over a folder rnp-fast did not make."""
         with RunDirectory(out, kind=DEFENSE_RUN) as directory:
             directory.write_text("output.log", "".join(line + "\n" for line in self.log_lines))
-            write_results(directory, self.defense)
+            write_results(directory, self.defense, self.diagnostics)
             write_summary(directory, self.defense, self.summary)
         return directory.target
 
@@ -99,7 +101,9 @@ def defend(
     started = time.perf_counter()
     job, run = python_run(model, defense, mean, std, test, poisoned, rnp, data, engine)
     log = RunLog(None, job.engine.quiet, keep=True)
-    computed = compute_defense(job, run, Inputs(run.new_model()), log=log, started=started)
+    inputs = Inputs(run.new_model())
+    computed = compute_defense(job, run, inputs, log=log, started=started)
+    diagnostics = target_diagnostics(computed, inputs.backdoored, log)  # as run_defense: clean data only
     summary = computed.summary()
     return DefenseResult(
         model=purified_copy(model, computed.purified),
@@ -109,6 +113,7 @@ def defend(
         summary=summary,
         defense=computed,
         log_lines=log.lines,
+        diagnostics=diagnostics,
     )
 
 
