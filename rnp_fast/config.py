@@ -172,9 +172,7 @@ class EngineConfig:
         "how pruning candidates are scored: batched (all candidates per pass over the test data) or sequential",
         default="batched",
     )
-    scoring_chunk: int = doc(
-        "candidates per batched scoring pass; 0 = as many as free memory allows", default=0
-    )
+    scoring_chunk: int = doc("candidates per batched scoring pass; 0 = as many as free memory allows", default=0)
     compile: bool | None = doc(
         "torch.compile the learning steps and the candidate scoring (default: on with CUDA where the process "
         "reuses them: sweeps, bench, repeated defenses; off for a single defense and on CPU)",
@@ -349,8 +347,6 @@ def not_identity(section: str) -> tuple[str, ...]:
 def seed_paths() -> tuple[str, ...]:
     """``SECTION.FIELD`` of every seed (``seed=True``)."""
     return tuple(f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls) if f.metadata.get("seed"))
-
-
 
 
 def flag(name: str) -> str:
