@@ -36,6 +36,11 @@ def gpu_probe():
     torch.set_num_threads(threads)
 
 
+# The whole dry run (every section, the science one's tiny fidelity defenses included) takes minutes
+# on 2 cores: outside `make test`; .ci/run runs these in the GPU machine's stack (its step 2c).
+DRY_RUN_IS_SLOW = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def dry_run(gpu_probe, tmp_path_factory):
     """(exit code, final JSON, the JSON read back after every save, paths) of one dry run."""
@@ -61,6 +66,7 @@ def dry_run(gpu_probe, tmp_path_factory):
     return code, json.loads(out.read_text()), snapshots, table
 
 
+@DRY_RUN_IS_SLOW
 def test_the_dry_run_records_every_section(gpu_probe, dry_run):
     code, report, _, table = dry_run
     assert list(report["sections"]) == list(gpu_probe.SECTIONS)
@@ -84,6 +90,7 @@ def test_the_dry_run_records_every_section(gpu_probe, dry_run):
     assert set(sections["science"]["results"]["seeds"]["0"]) >= {"asr_before", "asr_after", "clean_acc_after"}
 
 
+@DRY_RUN_IS_SLOW
 def test_a_failing_section_is_recorded_and_the_next_one_runs(dry_run):
     code, report, _, _ = dry_run
     failed = report["sections"][FAILING]
@@ -93,6 +100,7 @@ def test_a_failing_section_is_recorded_and_the_next_one_runs(dry_run):
     assert report["sections"]["scoring"]["status"] == "ok"
 
 
+@DRY_RUN_IS_SLOW
 def test_the_json_is_valid_after_each_section(gpu_probe, dry_run):
     _, report, snapshots, _ = dry_run
     order = list(gpu_probe.SECTIONS)
