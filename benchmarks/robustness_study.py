@@ -45,9 +45,9 @@ from rnp_fast import harness
 from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, RNPConfig
 from rnp_fast.data import defense_data
 from rnp_fast.demo import DEMO_DATA, DEMO_MODEL, DEMO_RNP, demo_checkpoint
-from rnp_fast.diagnostics import per_class_accuracy, predicted_class_histogram, step_logits
-from rnp_fast.evaluation.metrics import Outputs, metrics_from_outputs
-from rnp_fast.evaluation.scoring import batched_test_logits, prune_set
+from rnp_fast.diagnostics import predicted_class_histogram
+from rnp_fast.evaluation.metrics import Outputs, metrics_from_outputs, per_class_accuracy
+from rnp_fast.evaluation.scoring import batched_test_logits, prune_set, step_scores
 from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.masked_batchnorm import MaskedBatchNorm2d, masked_batchnorm_layers
 from rnp_fast.prune import Channel, PruneStep, lowest_step, rank_channels, threshold_schedule
@@ -163,7 +163,8 @@ class CandidateCache:
                 unique.setdefault(prune_set(step), step)
         self.steps = unique
         holdout = pair.data.rule_images
-        logits = step_logits(pair.backdoored, list(unique.values()), holdout, *self.normalisation(), options)
+        steps, identity = list(unique.values()), lambda logits: logits
+        logits = step_scores(pair.backdoored, steps, holdout, *self.normalisation(), options, identity)
         self.labels = holdout.labels.to(logits[0].device)
         self.base_holdout = logits[0]
         self.holdout = dict(zip(unique, logits[1:], strict=True))

@@ -103,7 +103,7 @@ def defend(
     log = RunLog(None, job.engine.quiet, keep=True)
     inputs = Inputs(run.new_model())
     computed = compute_defense(job, run, inputs, log=log, started=started)
-    diagnostics = target_diagnostics(computed, inputs.backdoored, log)  # as run_defense: clean data only
+    diagnostics = target_diagnostics(computed, log)  # as run_defense: clean data only
     summary = computed.summary()
     return DefenseResult(
         model=purified_copy(model, computed.purified),
@@ -249,5 +249,5 @@ def steps_of(computed: Defense) -> list[ScoredStep]:
     pruning = computed.pruning
     return [
         ScoredStep(step.label, [(c.layer, c.index) for c in step.channels], metrics, holdout)
-        for step, metrics, holdout in zip(pruning.steps, pruning.metrics, pruning.holdout, strict=True)
+        for step, metrics, holdout in zip(pruning.steps, pruning.metrics, pruning.holdout.per_step, strict=True)
     ]

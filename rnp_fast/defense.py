@@ -83,7 +83,7 @@ def run_defense(job: DefendJob, reuse: bool = False, source: DataSource | None =
     inputs = load_inputs(job, run)
     with RunDirectory(job.out, job.reads(), kind=DEFENSE_RUN) as out, run_log(out, job) as log:
         defense = compute_defense(job, run, inputs, log=log, started=started)
-        diagnostics = target_diagnostics(defense, inputs.backdoored, log)  # beyond the paper: clean data only
+        diagnostics = target_diagnostics(defense, log)  # beyond the paper: clean data only
         return write_defense(out, defense, started, diagnostics)
 
 
@@ -187,7 +187,9 @@ def write_outputs(
     by = job.rnp.pruning_by
     out.write_text(f"pruning_by_{by}.txt", format_pruning_table(pruning.steps, pruning.metrics, by))
     per_class = diagnostics.per_step if diagnostics else None
-    out.write_text("pruning.csv", format_pruning_csv(pruning.steps, pruning.metrics, pruning.holdout, per_class))
+    out.write_text(
+        "pruning.csv", format_pruning_csv(pruning.steps, pruning.metrics, pruning.holdout.per_step, per_class)
+    )
     if diagnostics is not None:
         write_diagnostics(out, diagnostics, pruning.steps, pruning.choice.index, by)
     plot_pruning(out.path("pruning.png"), pruning.steps, pruning.metrics, by, pruning.choice.index)

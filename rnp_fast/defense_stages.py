@@ -19,7 +19,7 @@ from torch import nn
 from rnp_fast.data import DefenseData, defense_data
 from rnp_fast.errors import UserError
 from rnp_fast.evaluation.metrics import Metrics
-from rnp_fast.evaluation.scoring import holdout_accuracies, score_steps
+from rnp_fast.evaluation.scoring import HoldoutScores, holdout_accuracies, score_steps
 from rnp_fast.masked_batchnorm import MaskedBatchNorm2d
 from rnp_fast.prune import Channel, PruneStep, prune_, rank_channels, schedule, single_threshold_step
 from rnp_fast.recover import recover
@@ -93,8 +93,7 @@ class Candidates:
 
     ranked: list[Channel]
     steps: list[PruneStep]
-    base_holdout: float  # the unpruned model's
-    holdout: list[float]
+    holdout: HoldoutScores  # overall and per class; the unpruned model's, then per step
     rule_data: str  # what the threshold rule scores: held-out or (none held out) training images
     seconds: float
 
@@ -111,7 +110,7 @@ class Pruning:
 
     steps: list[PruneStep]
     metrics: list[Metrics]
-    holdout: list[float]
+    holdout: HoldoutScores
     choice: Choice
     chosen: PruneStep | None
     before: Metrics
@@ -244,8 +243,8 @@ def score_candidates(job, run: ResolvedRun, backdoored: nn.Module, channels, dat
     ranked = rank_channels(channels)
     steps = schedule(ranked, job.rnp.pruning_by, job.rnp.pruning_max, job.rnp.pruning_step)
     scoring = run.scoring(log.info)
-    base, holdout = holdout_accuracies(backdoored, steps, data.rule_images, run.mean, run.std, scoring)
-    return Candidates(ranked, steps, base, holdout, data.rule_data, time.perf_counter() - tick)
+    holdout = holdout_accuracies(backdoored, steps, data.rule_images, run.mean, run.std, scoring, run.num_classes)
+    return Candidates(ranked, steps, holdout, data.rule_data, time.perf_counter() - tick)
 
 
 def choose(job, candidates: Candidates) -> Chosen:
@@ -254,7 +253,8 @@ def choose(job, candidates: Candidates) -> Chosen:
         step = single_threshold_step(candidates.ranked, job.rnp.threshold)
         return Chosen(Choice(None, f"fixed --threshold {job.rnp.threshold}"), step)
     labels = [step.label for step in candidates.steps]
-    choice = choose_step(candidates.holdout, candidates.base_holdout, job.rnp.tolerance, labels, candidates.rule_data)
+    holdout = candidates.holdout
+    choice = choose_step(holdout.per_step, holdout.base, job.rnp.tolerance, labels, candidates.rule_data)
     return Chosen(choice, candidates.steps[choice.index] if choice.index is not None else None)
 
 

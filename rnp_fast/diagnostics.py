@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from rnp_fast.evaluation.predict import predict
-from rnp_fast.evaluation.scoring import ScoringOptions, prune_set, score_sequentially
 from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.prune import PruneStep
 
@@ -74,40 +73,6 @@ def predicted_class_histogram(
     return ClassHistogram(counts.tolist())
 
 
-def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
-    """Accuracy within each true class (NaN for a class with no image)."""
-    correct = (logits.argmax(1) == labels).float()
-    accuracies = []
-    for cls in range(num_classes):
-        members = labels == cls
-        accuracies.append(correct[members].mean().item() if bool(members.any()) else float("nan"))
-    return accuracies
-
-
-def step_logits(
-    model: nn.Module, steps: list[PruneStep], images: ImageSet, mean, std, options: ScoringOptions
-) -> list[torch.Tensor]:
-    """Logits on ``images`` of the unpruned ``model``, then of every step (``model`` left unchanged)."""
-    device = device_of(model)
-    data = images.images.to(device)
-    mean_t, std_t = normalisation(mean, std, device)
-    if options.batched:
-        candidates = [frozenset()] + [prune_set(step) for step in steps]
-        return [per_set[0] for per_set in options.batched_scoring([data], mean_t, std_t).score(model, candidates)]
-    forward = lambda m: predict(m, data, mean_t, std_t, options.batch_size, options.channels_last, options.amp)  # noqa: E731
-    return [forward(model), *score_sequentially(model, steps, forward)]
-
-
-def per_class_step_accuracies(
-    model: nn.Module, steps: list[PruneStep], images: ImageSet, mean, std, num_classes: int, options: ScoringOptions
-) -> tuple[list[float], list[list[float]]]:
-    """Per-class clean accuracy of the unpruned ``model`` and of every step, on ``images``."""
-    labels = images.labels.to(device_of(model))
-    logits = step_logits(model, steps, images, mean, std, options)
-    per_class = [per_class_accuracy(one, labels, num_classes) for one in logits]
-    return per_class[0], per_class[1:]
-
-
 @dataclass
 class TargetReport:
     """What the diagnostics add to a defense: the suspected target and per-class held-out accuracy."""
@@ -126,17 +91,17 @@ class TargetReport:
         }
 
 
-def target_report(defense, backdoored: nn.Module) -> TargetReport:
-    """The diagnostics of a computed defense (`defense.Defense`) of ``backdoored``: the unlearned
-    model's histogram on the rule's clean images and every candidate's per-class accuracy on them."""
+def target_report(defense) -> TargetReport:
+    """The diagnostics of a computed defense (`defense.Defense`): the unlearned model's histogram on
+    the rule's clean images, and every candidate's per-class accuracy on them (from the scoring pass
+    that chose the threshold: nothing is scored twice)."""
     run, images = defense.run, defense.loaded.data.rule_images
-    mean, std = run.source.mean, run.source.std
     unlearned = defense.unlearned.model
-    histogram = predicted_class_histogram(unlearned, images, mean, std, run.num_classes) if unlearned else None
-    base, per_step = per_class_step_accuracies(
-        backdoored, defense.pruning.steps, images, mean, std, run.num_classes, run.scoring()
-    )
-    return TargetReport(histogram, base, per_step)
+    histogram = None
+    if unlearned is not None:
+        histogram = predicted_class_histogram(unlearned, images, run.source.mean, run.source.std, run.num_classes)
+    holdout = defense.pruning.holdout
+    return TargetReport(histogram, holdout.base_per_class, holdout.per_step_per_class)
 
 
 def plot_per_class(path, labels: list[float], report: TargetReport, chosen: int | None, by: str) -> None:
@@ -179,10 +144,10 @@ def write_diagnostics(out, report: TargetReport, steps: list[PruneStep], chosen:
     plot_per_class(out.path("per_class.png"), labels, report, chosen, by)
 
 
-def target_diagnostics(defense, backdoored: nn.Module, log) -> TargetReport:
+def target_diagnostics(defense, log) -> TargetReport:
     """`target_report`, with its findings in the run's log: the suspected target class and, at the
     chosen step, the class whose held-out accuracy fell most."""
-    report = target_report(defense, backdoored)
+    report = target_report(defense)
     if report.histogram is not None:
         log.info(report.histogram.describe())
     index = defense.pruning.choice.index

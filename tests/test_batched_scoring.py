@@ -68,10 +68,10 @@ def test_holdout_accuracies_agree(demo_model, digits):
     steps = threshold_steps(rank_channels(random_masks(demo_model, seed=1)), thresholds(0.9, 0.1))
     holdout = ImageSet(digits.train.images[:40], digits.train.labels[:40])
     results = [
-        holdout_accuracies(demo_model, steps, holdout, digits.mean, digits.std, ScoringOptions(scoring=mode))
+        holdout_accuracies(demo_model, steps, holdout, digits.mean, digits.std, ScoringOptions(scoring=mode), 10)
         for mode in ("sequential", "batched")
     ]
-    assert results[0] == results[1]
+    assert repr(results[0]) == repr(results[1])  # exact; repr because NaN (a class with no image) != NaN
 
 
 def test_model_is_left_unchanged(demo_model, digits):

@@ -65,6 +65,12 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).float().mean().item()
 
 
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Accuracy within each true class (NaN for a class with no image), in float32 like `accuracy`."""
+    hits = torch.bincount(labels[logits.argmax(1) == labels], minlength=num_classes).float()
+    return (hits / torch.bincount(labels, minlength=num_classes).float()).tolist()
+
+
 def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
     if len(labels) == 0:
         return float("nan")

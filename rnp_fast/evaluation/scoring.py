@@ -18,7 +18,7 @@ from torch import nn
 
 from rnp_fast.evaluation.candidates import BatchedScoring, PruneSet
 from rnp_fast.evaluation.evaluators import make_evaluator
-from rnp_fast.evaluation.metrics import Metrics, Outputs, accuracy, metrics_from_outputs
+from rnp_fast.evaluation.metrics import Metrics, Outputs, accuracy, metrics_from_outputs, per_class_accuracy
 from rnp_fast.evaluation.predict import model_input, no_logits, predict
 from rnp_fast.evaluation.test_sets import TestSets
 from rnp_fast.loaders.augment import normalisation
@@ -117,22 +117,48 @@ def score_sequentially(model: nn.Module, steps: list[PruneStep], evaluator, dedu
     return results
 
 
+@dataclass(frozen=True)
+class HoldoutScores:
+    """Clean accuracy on the threshold rule's images, overall and within each true class: the
+    unpruned model's, then every step's. One scoring pass gives both (the per-class figures are
+    the target-class diagnostics', `rnp_fast.diagnostics`)."""
+
+    base: float
+    per_step: list[float]
+    base_per_class: list[float]
+    per_step_per_class: list[list[float]]
+
+
 def holdout_accuracies(
-    model: nn.Module, steps: list[PruneStep], holdout: ImageSet, mean, std, options: ScoringOptions
-) -> tuple[float, list[float]]:
-    """Clean accuracy on the held-out defense images: unpruned, then per step (``mean``, ``std``:
+    model: nn.Module, steps: list[PruneStep], holdout: ImageSet, mean, std, options: ScoringOptions, num_classes: int
+) -> HoldoutScores:
+    """Clean accuracy on the held-out defense images, overall and per class (``mean``, ``std``:
     numbers or tensors, one per channel)."""
+    labels = holdout.labels.to(next(model.parameters()).device)
+
+    def summarise(logits: torch.Tensor) -> tuple[float, list[float]]:
+        return accuracy(logits, labels), per_class_accuracy(logits, labels, num_classes)
+
+    scores = step_scores(model, steps, holdout, mean, std, options, summarise)
+    return HoldoutScores(scores[0][0], [s[0] for s in scores[1:]], scores[0][1], [s[1] for s in scores[1:]])
+
+
+def step_scores(
+    model: nn.Module, steps: list[PruneStep], images: ImageSet, mean, std, options: ScoringOptions, summarise
+) -> list:
+    """``summarise(logits)`` on ``images`` of the unpruned ``model``, then of every step (``model``
+    left unchanged). Sequential scoring summarises each step's logits at once (only the summaries
+    are kept); batched scoring has every candidate's logits anyway."""
     device = next(model.parameters()).device
-    images, labels = holdout.images.to(device), holdout.labels.to(device)
+    data = images.images.to(device)
     mean_t, std_t = normalisation(mean, std, device)
     if options.batched:
         candidates = [frozenset()] + [prune_set(step) for step in steps]
-        logits = options.batched_scoring([images], mean_t, std_t).score(model, candidates)
-        accuracies = [accuracy(per_set[0], labels) for per_set in logits]
-        return accuracies[0], accuracies[1:]
+        return [
+            summarise(per_set[0]) for per_set in options.batched_scoring([data], mean_t, std_t).score(model, candidates)
+        ]
 
-    def score(m: nn.Module) -> float:
-        logits = predict(m, images, mean_t, std_t, options.batch_size, options.channels_last, options.amp)
-        return accuracy(logits, labels)
+    def score(m: nn.Module):
+        return summarise(predict(m, data, mean_t, std_t, options.batch_size, options.channels_last, options.amp))
 
-    return score(model), score_sequentially(model, steps, score)
+    return [score(model), *score_sequentially(model, steps, score)]
