@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="defend the bundled BadNets ResNet-18 on the digits set")
     demo.add_argument("--out", default="rnp-demo", help="run directory (default: rnp-demo)")
-    add_repeat_flags(demo)
+    add_repeat_flags(demo, "0, 1, ..., N-1; seed 0 is the single demo's")
     add_config_flags(demo, EngineConfig)
 
     convert = commands.add_parser("convert", help="write a dataset split to an FFCV .beton file (the ffcv extra)")
@@ -116,14 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_repeat_flags(parser) -> None:
+def add_repeat_flags(parser, first_seed: str = "--seed, --seed + 1, ...") -> None:
     """--repeats: the defense on N defense-data seeds in one process, with a success rate (rnp_fast.repeats)."""
     group = parser.add_argument_group("repeats")
     group.add_argument(
         "--repeats",
         type=int,
         default=1,
-        help="defend on N defense-data seeds (--seed, --seed + 1, ...) and report the success rate, per seed "
+        help=f"defend on N defense-data seeds ({first_seed}) and report the success rate, per seed "
         "and in aggregate: summary.json, seeds.csv, tradeoff.png; no purified model (default: 1, one defense)",
     )
     group.add_argument("--success-asr", type=float, default=0.1, help="a success's largest ASR (default: 0.1)")

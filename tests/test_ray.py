@@ -6,7 +6,8 @@ and after 20 minutes whatever happens (``timeout``). The tests: a wrong ``--addr
 missing token each fail on one line with exit 2 in well under a minute; a tiny sweep survives a
 Ray worker killed mid-job (Ray reruns the task: every job recorded once, the rerun counted, the
 killed task's scratch folder removed); and the same jobs give the same metrics on the local
-backend and on Ray (each job runs with its own thread count on every backend).
+backend and on Ray (each job runs with its own thread count on every backend). Without
+``--address`` the sweep starts Ray itself: every socket its Ray processes listen on is loopback.
 
 Marked ``ray``: `make test` leaves them out (minutes on 2 cores), .ci/run runs them (``-m ray``).
 """
@@ -249,3 +250,52 @@ def test_local_and_ray_backends_give_identical_metrics(killed_worker_sweep, tmp_
         assert ray_rows[job_hash]["threads"] == row["threads"] == 1
         ray_masks, local_masks = (store / "jobs" / job_hash / "mask_values.txt" for store in (ray_store, local_store))
         assert ray_masks.read_text() == local_masks.read_text(), job_hash
+
+
+def test_a_ray_started_by_the_sweep_listens_on_loopback_only(tmp_path):
+    """No --address: Ray starts on this machine (its GCS, raylet, workers and this driver's own
+    servers, all children of the driver); none may listen on the machine's network interface."""
+    import psutil
+
+    sweep_file = tmp_path / "one.yaml"
+    sweep_file.write_text(TINY_FIXED + "axes:\n  rnp.alpha: [0.5]\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # nothing set by the caller
+    command = [sys.executable, "-m", "rnp_fast", "sweep", str(sweep_file), "--store", str(tmp_path / "store")]
+    command += ["--quiet", "--backend", "ray"]
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, exposed = set(), set()
+    try:
+        while driver.poll() is None:
+            for address, name in listening_sockets(psutil.Process(driver.pid)):
+                seen.add(address)
+                if address.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+                    exposed.add(f"{name} {address.ip}:{address.port}")
+            time.sleep(0.5)
+        out, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 0, err[-3000:]
+    assert summary_of(out)["done"] == 1
+    assert len(seen) >= 2, "no Ray server was seen listening: the check saw nothing"
+    assert not exposed, f"Ray listened on the network interface: {sorted(exposed)}"
+
+
+def listening_sockets(driver):
+    """(address, process name) of every listening TCP socket of ``driver`` and its descendants."""
+    import psutil
+
+    found = []
+    try:
+        processes = [driver, *driver.children(recursive=True)]
+    except psutil.Error:
+        return found
+    for process in processes:
+        try:
+            connections = process.net_connections(kind="tcp")
+            name = process.name()
+        except psutil.Error:  # gone meanwhile, or not ours to inspect
+            continue
+        found += [(c.laddr, name) for c in connections if c.status == psutil.CONN_LISTEN]
+    return found

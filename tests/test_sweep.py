@@ -344,35 +344,6 @@ def test_worker_pool_shares_one_trained_model(tmp_path):
     assert sorted(row["timings"]["train"] > 0 for row in rows) == [False, True]  # trained once
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.skipif(
-    importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'rnp-fast[ray]')"
-)
-def test_ray_backend_gives_the_local_metrics(resumed_store, tmp_path, monkeypatch):
-    import ray
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray process on 127.0.0.1 (see test_ray)
-    local_store, sweep_file, _, _ = resumed_store
-    # a local Ray instance, 2 CPUs, on the loopback address only
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        options = SweepRunConfig(store=str(tmp_path / "store"), backend="ray", quiet=True)
-        summary = run_sweep(str(sweep_file), options)  # connects to the instance above
-    finally:
-        ray.shutdown()
-    assert (summary["done"], summary["failed"]) == (12, 0)
-    ray_rows = {row["hash"]: row for row in open_existing(tmp_path / "store").rows("done")}
-    local_rows = {row["hash"]: row for row in open_existing(local_store).rows("done")}
-    assert ray_rows.keys() == local_rows.keys()
-    for job_hash, row in local_rows.items():
-        assert ray_rows[job_hash]["metrics"] == row["metrics"], job_hash
-        assert (tmp_path / "store" / "jobs" / job_hash / "mask_values.txt").read_text() == (
-            local_store / "jobs" / job_hash / "mask_values.txt"
-        ).read_text()
-
-
 def test_attack_table_checks_the_targets_against_the_clean_baseline(tmp_path):
     """benchmarks/attack_table.py on two tiny sweeps: an attack and its unpoisoned baseline."""
     stores = {}

@@ -110,7 +110,7 @@ class RayBackend:
     workers need no access to the store's disk."""
 
     def __init__(self, address: str | None, jobs_per_gpu: int, max_retries: int):
-        self.ray = import_ray()
+        self.ray = import_ray(address)
         self.owns_ray = not self.ray.is_initialized()  # else: the caller's Ray, left running at the end
         connect(self.ray, address)
         remove_dead_scratch()  # this node's, left by tasks killed in an earlier run
@@ -205,7 +205,17 @@ def remove_dead_scratch() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def import_ray():
+LOOPBACK_HOSTS = ("127.", "localhost", "::1", "[::1]")
+
+
+def import_ray(address: str | None = None):
+    """Ray, imported so that a cluster on this machine alone stays on it: for no ``address`` (Ray
+    starts one here) or a loopback one, every Ray process, this driver's servers included, listens
+    on 127.0.0.1 rather than on the machine's network interface (Ray's default, even for a local
+    instance). Ray reads the switch once, at import; a user's own setting is kept."""
+    host = re.sub(r"^ray://", "", address or "127.0.0.1")
+    if "ray" not in sys.modules and host.startswith(LOOPBACK_HOSTS):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
