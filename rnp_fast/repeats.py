@@ -61,6 +61,7 @@ class SeedOutcome:
     curve: list[CurvePoint]
     chosen_index: int | None
     suspected_target: int | None = None  # the unlearned model's top predicted class (diagnostics)
+    seconds: float | None = None  # this seed's defense, wall time (data to purified model)
 
     def success(self, goal: Goal) -> bool:
         return goal.met(self.before.clean_acc_full, self.after.clean_acc_full, self.after.asr)
@@ -87,10 +88,11 @@ class SeedOutcome:
             "success_nontarget": self.success_nontarget(goal),
             "any_threshold_succeeds": self.any_threshold(goal),
             "suspected_target": self.suspected_target,
+            "seconds": self.seconds,
         }
 
 
-def outcome_of(seed: int, pruning, suspected_target: int | None = None) -> SeedOutcome:
+def outcome_of(seed: int, pruning, suspected_target: int | None = None, seconds: float | None = None) -> SeedOutcome:
     """A `SeedOutcome` from a defense's `Pruning` (steps, metrics, choice, chosen, before, after)."""
     curve = [
         CurvePoint(step.label, step.count, m.asr, m.clean_acc, m.clean_acc_full)
@@ -106,6 +108,7 @@ def outcome_of(seed: int, pruning, suspected_target: int | None = None) -> SeedO
         curve=curve,
         chosen_index=pruning.choice.index,
         suspected_target=suspected_target,
+        seconds=seconds,
     )
 
 
@@ -141,6 +144,7 @@ def aggregate(outcomes: list[SeedOutcome], goal: Goal) -> dict:
         "clean_acc_full_after": spread([r["clean_acc_full_after"] for r in rows]),
         "clean_full_drop": spread([r["clean_full_drop"] for r in rows]),
         "pruned": spread([float(r["pruned"]) for r in rows]),
+        "seconds": spread([r["seconds"] for r in rows]) if all(r["seconds"] is not None for r in rows) else None,
         "per_seed": rows,
     }
 
@@ -154,6 +158,7 @@ def headline(result: dict) -> str:
         f"on non-target clean accuracy {result['success_nontarget']['count']} of {success['of']}; "
         f"some threshold of the schedule would have succeeded on {result['any_threshold_succeeds']['count']}; "
         f"ASR after {result['asr_after']['mean']:.3f} +- {result['asr_after']['std']:.3f}"
+        + (f"; {result['seconds']['mean']:.1f} s per seed" if result.get("seconds") else "")
     )
 
 
@@ -207,14 +212,10 @@ def plot_tradeoff(path, outcomes: list[SeedOutcome], goal: Goal) -> None:
 
 def suspected_target(defense) -> int | None:
     """The unlearned model's top predicted class on the rule's clean images (None: no unlearning)."""
-    from rnp_fast.diagnostics import predicted_class_histogram
+    from rnp_fast.diagnostics import target_report
 
-    model = defense.unlearned.model
-    if model is None:
-        return None
-    run = defense.run
-    images = defense.loaded.data.rule_images
-    return predicted_class_histogram(model, images, run.source.mean, run.source.std, run.num_classes).top_class
+    histogram = target_report(defense).histogram
+    return histogram.top_class if histogram is not None else None
 
 
 def defend_seeds(job, seeds: list[int], goal: Goal = Goal(), log=None) -> tuple[list[SeedOutcome], object]:
@@ -228,14 +229,14 @@ def defend_seeds(job, seeds: list[int], goal: Goal = Goal(), log=None) -> tuple[
     outcomes = []
     for seed in seeds:
         defense = compute_defense(job, run, inputs, seed=seed, log=log)
-        outcome = outcome_of(seed, defense.pruning, suspected_target(defense))
+        outcome = outcome_of(seed, defense.pruning, suspected_target(defense), defense.seconds)
         outcomes.append(outcome)
         if log is not None:
             row = outcome.row(goal)
             log.info(
                 f"seed {seed}: threshold {row['threshold']}, {row['pruned']} pruned, ASR {row['asr_after']:.4f}, "
                 f"clean {row['clean_acc_after']:.4f} (all classes {row['clean_acc_full_after']:.4f}), "
-                f"success {'yes' if row['success'] else 'no'}"
+                f"success {'yes' if row['success'] else 'no'} ({defense.seconds:.1f} s)"
             )
     return outcomes, run
 

@@ -333,6 +333,7 @@ def test_bad_factory_flags_are_one_line_errors(flags, message, tiny_checkpoint, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.heavy
 def test_the_readmes_python_example_runs_as_written(tmp_path, monkeypatch):
     section = README.read_text(encoding="utf-8").split("## Python API", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)

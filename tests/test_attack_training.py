@@ -197,6 +197,7 @@ def test_no_poison_trains_the_clean_baseline_whatever_the_attack(tmp_path):
     assert summary["AttackConfig"]["poison"] is False and 0 <= summary["asr"] <= 1
 
 
+@pytest.mark.heavy
 def test_train_backdoor_takes_the_engine_flags(tmp_path, monkeypatch):
     """--compile / --amp reach the training step (compiled here with Dynamo's eager backend:
     graph capture without code generation)."""

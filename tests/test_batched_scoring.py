@@ -139,6 +139,7 @@ def test_out_of_memory_halves_the_chunk_and_continues(demo_model, digits, monkey
     assert "2 candidates" in warnings[-1]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_compiled_scoring_folds_pruning_into_scale_and_shift(demo_model, digits, channels_last):
     """Compiled scoring (the GPU's) folds each group's pruning into its BatchNorm scale and shift:

@@ -82,6 +82,7 @@ def test_a_script_refuses_bad_input_on_one_line():
     assert result.stderr.strip() == expected
 
 
+@pytest.mark.heavy
 def test_bench_eval_precision_compares_fp32_and_bf16_and_saves_its_json(tmp_path):
     out = tmp_path / "precision.json"
     result = script("bench_eval_precision.py", "--repeats", "1", "--out", str(out))

@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 
+
+@pytest.mark.heavy
 def test_demo_removes_the_backdoor_within_three_minutes(tmp_path):
     out = tmp_path / "demo"
     started = time.perf_counter()

@@ -137,6 +137,7 @@ def test_deterministic_flag_switches_pytorch_to_deterministic_kernels():
         torch.backends.cudnn.deterministic = False
 
 
+@pytest.mark.heavy
 def test_the_gpu_settings_run_the_whole_defense_on_cpu(tiny_checkpoint, tmp_path):
     """bf16 autocast and channels_last through unlearning, recovering, the batched sweep and the
     summary: the code paths the GPU takes, minus compilation (see the slow test)."""

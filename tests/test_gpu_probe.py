@@ -119,6 +119,7 @@ def test_sections_over_the_budget_are_skipped(gpu_probe, tmp_path):
     assert "--budget-s" in sections["graphs"]["reason"]
 
 
+@pytest.mark.heavy
 def test_a_section_stuck_compiling_is_killed_at_its_cap_and_the_next_one_compiles(gpu_probe, tmp_path, monkeypatch):
     """A compile that never ends (a backend that sleeps) in the graphs section: its process is
     killed at the cap, what it saved before is kept, and the steps section compiles and measures."""
@@ -160,6 +161,7 @@ def test_the_first_sections_keep_their_time_on_the_gpu(gpu_probe):
     assert skip and "--budget-s" in skip
 
 
+@pytest.mark.heavy
 def test_the_wrapper_runs_the_probe_and_refuses_bad_sections(tmp_path):
     out = tmp_path / "probe.json"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}

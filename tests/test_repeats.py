@@ -80,6 +80,7 @@ def test_a_tiny_repeated_run_reports_every_seed_and_writes_its_files(tiny_checkp
     assert {p.name for p in out.iterdir()} >= {"summary.json", "seeds.csv", "tradeoff.png", "output.log"}
     stored = json.loads((out / "summary.json").read_text())["repeats"]
     assert stored["seeds"] == [3, 4] and stored["success"]["of"] == 2
+    assert all(row["seconds"] > 0 for row in stored["per_seed"]) and stored["seconds"]["max"] > 0
     rows = list(csv.DictReader((out / "seeds.csv").open()))
     assert [int(r["seed"]) for r in rows] == [3, 4]
     # every seed is the single defense on that seed: the same figures as a separate run

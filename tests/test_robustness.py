@@ -98,6 +98,7 @@ def defend_command(model: Path, out: Path, recovering_epochs: int) -> list[str]:
     ]
 
 
+@pytest.mark.heavy
 def test_sigkill_never_leaves_a_half_written_run(tiny_checkpoint, tmp_path):
     out = tmp_path / "run"
     started = time.perf_counter()

@@ -276,6 +276,7 @@ def resumed_store(tmp_path_factory):
     return store, sweep_file, before, json.loads(second.stdout)
 
 
+@pytest.mark.heavy
 def test_killed_sweep_resumes_without_rerunning_finished_jobs(resumed_store):
     store, sweep_file, before, summary = resumed_store
     assert summary["done"] == 12 and summary["failed"] == 0
@@ -301,6 +302,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_jobs(resumed_store):
     assert int(interrupted) == len(retried) <= 1 and all(after[h]["attempts"] == 1 for h in before)
 
 
+@pytest.mark.heavy
 def test_finished_sweep_runs_nothing_again(resumed_store):
     store, sweep_file, _, _ = resumed_store
     before = done_rows(store)
@@ -309,6 +311,7 @@ def test_finished_sweep_runs_nothing_again(resumed_store):
     assert done_rows(store) == before
 
 
+@pytest.mark.heavy
 def test_report_writes_table_and_plots(resumed_store, tmp_path, capsys):
     store = resumed_store[0]
     assert main(["report", str(store), "--out", str(tmp_path / "report")]) == 0
@@ -344,6 +347,7 @@ def test_worker_pool_shares_one_trained_model(tmp_path):
     assert sorted(row["timings"]["train"] > 0 for row in rows) == [False, True]  # trained once
 
 
+@pytest.mark.heavy
 def test_attack_table_checks_the_targets_against_the_clean_baseline(tmp_path):
     """benchmarks/attack_table.py on two tiny sweeps: an attack and its unpoisoned baseline."""
     stores = {}
