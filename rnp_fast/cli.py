@@ -145,8 +145,9 @@ def repeated(job, args) -> dict | None:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     seeds = list(range(job.data.seed, job.data.seed + args.repeats))
     result = run_repeats(job, seeds, Goal(args.success_asr, args.success_clean_drop))
-    print(format_seed_table(result), file=sys.stderr)
-    print(headline(result), file=sys.stderr)
+    if job.engine.quiet:  # else the run's log has just shown both on the terminal
+        print(format_seed_table(result), file=sys.stderr)
+        print(headline(result), file=sys.stderr)
     return result
 
 

@@ -16,8 +16,8 @@ collapses the model within one epoch. Everything else is the reference's default
 
 A caveat the README repeats: on a model this small RNP is sensitive to which images form the
 defense set. With seed 0 (the demo) the rule removes the backdoor (at 3.3 points of full-test
-accuracy, nearly all of it the target digit); over seeds 0-5 it succeeds on none on full-test
-accuracy and on 1 of 6 on non-target accuracy (docs/efficacy.md). `rnp-fast demo --repeats N`
+accuracy, nearly all of it the target digit); over seeds 0-9 it succeeds on none on full-test
+accuracy and on 2 of 10 on non-target accuracy (docs/efficacy.md). `rnp-fast demo --repeats N`
 measures it.
 """
 

@@ -162,11 +162,15 @@ def headline(result: dict) -> str:
     )
 
 
+def threshold_text(threshold: float | None) -> str:
+    return "none" if threshold is None else f"{threshold:.4g}"
+
+
 def format_seed_table(result: dict) -> str:
     """One line per seed, for the log and the terminal."""
     lines = ["seed \t threshold \t pruned \t ASR \t clean \t clean(all) \t success \t any threshold"]
     for r in result["per_seed"]:
-        threshold = "none" if r["threshold"] is None else f"{r['threshold']:.4g}"
+        threshold = threshold_text(r["threshold"])
         lines.append(
             f"{r['seed']} \t {threshold} \t {r['pruned']} \t {r['asr_after']:.4f} \t {r['clean_acc_after']:.4f} \t "
             f"{r['clean_acc_full_after']:.4f} \t {'yes' if r['success'] else 'no'} \t "
@@ -203,7 +207,7 @@ def plot_tradeoff(path, outcomes: list[SeedOutcome], goal: Goal) -> None:
     ax.set_xlabel("clean accuracy, full test set")
     ax.set_ylabel("attack success rate")
     ax.set_ylim(-0.02, 1.05)
-    ax.set_title("pruning schedule per defense seed (big dot: the rule's choice; green: success)")
+    ax.set_title("pruning schedule per defense seed\n(big dot: the rule's choice; green area: success)", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -234,7 +238,8 @@ def defend_seeds(job, seeds: list[int], goal: Goal = Goal(), log=None) -> tuple[
         if log is not None:
             row = outcome.row(goal)
             log.info(
-                f"seed {seed}: threshold {row['threshold']}, {row['pruned']} pruned, ASR {row['asr_after']:.4f}, "
+                f"seed {seed}: threshold {threshold_text(row['threshold'])}, "
+                f"{row['pruned']} pruned, ASR {row['asr_after']:.4f}, "
                 f"clean {row['clean_acc_after']:.4f} (all classes {row['clean_acc_full_after']:.4f}), "
                 f"success {'yes' if row['success'] else 'no'} ({defense.seconds:.1f} s)"
             )
