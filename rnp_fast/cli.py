@@ -126,6 +126,14 @@ def add_repeat_flags(parser, first_seed: str = "--seed, --seed + 1, ...") -> Non
         help=f"defend on N defense-data seeds ({first_seed}) and report the success rate, per seed "
         "and in aggregate: summary.json, seeds.csv, tradeoff.png; no purified model (default: 1, one defense)",
     )
+    group.add_argument(
+        "--repeat-over",
+        choices=("data", "order"),
+        default="data",
+        help="what the repeats' seeds vary: data (which images form the defense set, their order and "
+        "augmentation) or order (the same images as one defense, only their order and augmentation) "
+        "(default: data)",
+    )
     group.add_argument("--success-asr", type=float, default=0.1, help="a success's largest ASR (default: 0.1)")
     group.add_argument(
         "--success-clean-drop",
@@ -144,7 +152,7 @@ def repeated(job, args) -> dict | None:
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     seeds = list(range(job.data.seed, job.data.seed + args.repeats))
-    result = run_repeats(job, seeds, Goal(args.success_asr, args.success_clean_drop))
+    result = run_repeats(job, seeds, Goal(args.success_asr, args.success_clean_drop), args.repeat_over)
     if job.engine.quiet:  # else the run's log has just shown both on the terminal
         print(format_seed_table(result), file=sys.stderr)
         print(headline(result), file=sys.stderr)

@@ -99,15 +99,18 @@ def compute_defense(
     seed: int | None = None,
     log: RunLog | None = None,
     started: float | None = None,
+    order_seed: int | None = None,
 ) -> Defense:
     """Everything but the files, one stage a line. ``seed``: the defense data's (subset, order,
     augmentation; default the job's), so one process can repeat the defense on other data with
     the run resolved, the inputs loaded and the steps compiled once; ``inputs`` are left unchanged.
+    ``order_seed``: the loader's order and augmentation alone, the defense images kept (default:
+    ``seed``'s), to tell the two sources of noise apart.
     ``log``: default a quiet one in memory; ``started``: what the timings count from (default now)."""
     log = log or RunLog(None, quiet=True)
     started = time.perf_counter() if started is None else started
     log_setup(log, job, run)
-    loaded = load_defense_data(job, run, seed, log, started)
+    loaded = load_defense_data(job, run, seed, log, started, order_seed)
     before = reference_before(job, run, inputs.backdoored, log)
     unlearned = unlearn_stage(job, run, inputs, loaded, log)
     recovered = recover_stage(job, run, inputs, unlearned, loaded, log)

@@ -159,9 +159,12 @@ class Timings:
 # -- the stages ---------------------------------------------------------------------------------
 
 
-def load_defense_data(job, run: ResolvedRun, seed: int | None, log: RunLog, started: float) -> LoadedData:
-    """The seeded subset (``seed``: the data section's unless given) and its loader; the test sets
-    are poisoned and placed now, so that their time is part of "data"."""
+def load_defense_data(
+    job, run: ResolvedRun, seed: int | None, log: RunLog, started: float, order_seed: int | None = None
+) -> LoadedData:
+    """The seeded subset (``seed``: the data section's unless given) and its loader (``order_seed``:
+    its order and augmentation, default ``seed``'s); the test sets are poisoned and placed now, so
+    that their time is part of "data"."""
     log.info("----------- Data Initialization --------------")
     run.tests  # noqa: B018 - built on first use
     data = defense_data(run.source, job.data if seed is None else replace(job.data, seed=seed))
@@ -170,7 +173,7 @@ def load_defense_data(job, run: ResolvedRun, seed: int | None, log: RunLog, star
     log.info(f"{len(data.train)} defense images, {len(data.holdout)} held out")
     if job.data.batch_size > len(data.train):  # said, not silently clipped (issue 23)
         log.info(f"--batch-size {job.data.batch_size} > {len(data.train)} defense images: batches of {len(data.train)}")
-    return LoadedData(data, run.defense_loader(data.train, seed), seconds)
+    return LoadedData(data, run.defense_loader(data.train, seed if order_seed is None else order_seed), seconds)
 
 
 def reference_before(job, run: ResolvedRun, backdoored: nn.Module, log: RunLog) -> Before:

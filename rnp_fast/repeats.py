@@ -3,8 +3,9 @@
 On a small model RNP is sensitive to which clean images form the defense set (and to their order
 and augmentation, which the same seed draws): one run cannot tell a lucky seed from a working
 defense. `run_repeats` resolves the run, loads the model and the test sets once and calls the
-defense once per seed (`defense.compute_defense(..., seed=s)`, compiled steps reused), then reports
-per seed and in aggregate:
+defense once per seed (`defense.compute_defense(..., seed=s)`, compiled steps reused; with
+``over="order"``, ``order_seed=s``: the same defense images, only their order and augmentation
+drawn), then reports per seed and in aggregate:
 
 - ASR and clean accuracy (non-target and full test set) after pruning at the rule's threshold;
 - success: ASR <= ``Goal.max_asr`` at a full-test clean drop <= ``Goal.max_clean_drop`` (also on
@@ -222,9 +223,15 @@ def suspected_target(defense) -> int | None:
     return histogram.top_class if histogram is not None else None
 
 
-def defend_seeds(job, seeds: list[int], goal: Goal = Goal(), log=None) -> tuple[list[SeedOutcome], object]:
+OVER = ("data", "order")  # what the seeds vary: the defense data (subset, order, augmentation), or order alone
+
+
+def defend_seeds(
+    job, seeds: list[int], goal: Goal = Goal(), log=None, over: str = "data"
+) -> tuple[list[SeedOutcome], object]:
     """The defense once per seed, the run resolved, the model loaded and the steps compiled once.
-    Returns the outcomes and the resolved run."""
+    ``over="order"``: the job's defense images every time, each seed drawing only their order and
+    augmentation. Returns the outcomes and the resolved run."""
     from rnp_fast.defense import compute_defense, load_inputs
     from rnp_fast.resolved import resolve_run
 
@@ -232,7 +239,8 @@ def defend_seeds(job, seeds: list[int], goal: Goal = Goal(), log=None) -> tuple[
     inputs = load_inputs(job, run)
     outcomes = []
     for seed in seeds:
-        defense = compute_defense(job, run, inputs, seed=seed, log=log)
+        seeded = {"order_seed": seed} if over == "order" else {"seed": seed}
+        defense = compute_defense(job, run, inputs, log=log, **seeded)
         outcome = outcome_of(seed, defense.pruning, suspected_target(defense), defense.seconds)
         outcomes.append(outcome)
         if log is not None:
@@ -246,7 +254,7 @@ def defend_seeds(job, seeds: list[int], goal: Goal = Goal(), log=None) -> tuple[
     return outcomes, run
 
 
-def run_repeats(job, seeds: list[int], goal: Goal = Goal()) -> dict:
+def run_repeats(job, seeds: list[int], goal: Goal = Goal(), over: str = "data") -> dict:
     """The defense on every seed of ``seeds``; writes summary.json, seeds.csv, tradeoff.png and
     output.log into ``job.out`` (one run directory, never over a folder rnp-fast did not make)."""
     from rnp_fast.defense import resolved_config
@@ -256,12 +264,14 @@ def run_repeats(job, seeds: list[int], goal: Goal = Goal()) -> dict:
 
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--repeats needs distinct seeds, got {seeds}")
+    if over not in OVER:
+        raise UserError(f"--repeat-over must be one of {', '.join(OVER)}, got {over!r}")
     vet_output(job.out, job.reads(), kind=DEFENSE_RUN)  # before any work
     with RunDirectory(job.out, job.reads(), kind=DEFENSE_RUN) as out:
         log = RunLog(out.path("output.log"), job.engine.quiet)
         try:
-            outcomes, run = defend_seeds(job, seeds, goal, log)
-            result = aggregate(outcomes, goal)
+            outcomes, run = defend_seeds(job, seeds, goal, log, over)
+            result = {**aggregate(outcomes, goal), "over": over}
             log.info(format_seed_table(result))
             log.info(headline(result))
         finally:

@@ -89,3 +89,35 @@ def test_a_tiny_repeated_run_reports_every_seed_and_writes_its_files(tiny_checkp
     assert stored["per_seed"][1]["asr_after"] == single["asr_after"]
     assert stored["per_seed"][1]["clean_acc_full_after"] == single["clean_acc_full_after"]
     assert stored["per_seed"][1]["pruned"] == single["pruned"]
+
+
+def test_repeats_over_order_keep_the_defense_images_and_draw_only_their_order(tiny_checkpoint, tmp_path, capsys):
+    import torch
+
+    from rnp_fast.cli import main
+    from rnp_fast.defense import compute_defense, load_inputs
+    from rnp_fast.repeats import defend_seeds
+    from rnp_fast.resolved import resolve_run
+
+    job = replace(tiny_job(tiny_checkpoint, None), data=replace(tiny_job(tiny_checkpoint, None).data, seed=3))
+    run = resolve_run(job.model, job.data, job.attack, job.engine)
+    inputs = load_inputs(job, run)
+    own, drawn = compute_defense(job, run, inputs), compute_defense(job, run, inputs, order_seed=4)
+    assert torch.equal(own.loaded.data.train.images, drawn.loaded.data.train.images)  # the same images
+    assert torch.equal(own.loaded.data.holdout.labels, drawn.loaded.data.holdout.labels)  # the same hold-out
+    first_batch = [next(iter(d.loaded.loader))[1] for d in (own, drawn)]
+    assert not torch.equal(*first_batch)  # in another order
+    other_data = compute_defense(job, run, inputs, seed=4)
+    assert not torch.equal(own.loaded.data.train.images, other_data.loaded.data.train.images)
+    outcomes, _ = defend_seeds(job, [3, 4], over="order")
+    assert outcomes[1].after == drawn.pruning.after and outcomes[0].after == own.pruning.after
+
+    out = tmp_path / "order"
+    tiny = ["--width", str(TINY_WIDTH), "--dataset", "digits", "--ratio", "0.1", "--batch-size", "32"]
+    tiny += ["--eval-batch-size", "256", "--unlearning-epochs", "1", "--recovering-epochs", "2"]
+    tiny += ["--clean-threshold", "0", "--pruning-step", "0.3", "--device", "cpu", "--quiet"]
+    flags = ["--seed", "3", "--repeats", "2", "--repeat-over", "order"]
+    assert main(["defend", "--model", str(tiny_checkpoint), "--out", str(out), *tiny, *flags]) == 0
+    stored = json.loads((out / "summary.json").read_text())["repeats"]
+    assert stored["over"] == "order" and stored["seeds"] == [3, 4]
+    assert stored["per_seed"][1]["asr_after"] == drawn.pruning.after.asr
