@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from rnp_fast.evaluation.predict import predict
+from rnp_fast.loaders.augment import normalisation
 from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.prune import PruneStep
 
@@ -51,20 +52,11 @@ class ClassHistogram:
         return {"counts": self.counts, "suspected_target": self.top_class, "suspected_target_share": self.top_share}
 
 
-def device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def normalisation(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32, device=device)  # noqa: E731
-    return as_tensor(mean), as_tensor(std)
-
-
 def predicted_class_histogram(
     model: nn.Module, images: ImageSet, mean, std, num_classes: int, batch_size: int = 512
 ) -> ClassHistogram:
     """Predicted-class counts of ``model`` (eval mode, running statistics) over ``images``."""
-    device = device_of(model)
+    device = next(model.parameters()).device
     mean_t, std_t = normalisation(mean, std, device)
     was_training = model.training
     logits = predict(model, images.images.to(device), mean_t, std_t, batch_size)

@@ -184,18 +184,26 @@ def killed_worker_sweep(head, tmp_path_factory):
     store = root / "store"
     command = [sys.executable, "-m", "rnp_fast", "sweep", str(sweep_file), "--store", str(store), "--quiet"]
     command += ["--backend", "ray", "--address", head.address]
-    driver = subprocess.Popen(command, env=head.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with driver_process(command, head.env()) as driver:
         scratch = running_job_scratch(head, deadline=time.monotonic() + 300)
         time.sleep(3)  # well inside the job: training takes longer than this
         os.kill(int(re.match(rf"{SCRATCH_PREFIX}(\d+)-", scratch.name)[1]), signal.SIGKILL)
         out, err = driver.communicate(timeout=900)
+    assert driver.returncode == 0, err[-3000:]
+    return store, sweep_file, scratch, summary_of(out)
+
+
+@contextlib.contextmanager
+def driver_process(command: list[str], env: dict):
+    """A sweep's driver as a child process (stdout and stderr piped), killed at the end of the
+    block if it is still running, whatever happened inside."""
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield driver
     finally:
         if driver.poll() is None:
             driver.kill()
             driver.wait()
-    assert driver.returncode == 0, err[-3000:]
-    return store, sweep_file, scratch, summary_of(out)
 
 
 def summary_of(stdout: str) -> dict:
@@ -255,39 +263,37 @@ def test_local_and_ray_backends_give_identical_metrics(killed_worker_sweep, tmp_
 def test_a_ray_started_by_the_sweep_listens_on_loopback_only(tmp_path):
     """No --address: Ray starts on this machine (its GCS, raylet, workers and this driver's own
     servers, all children of the driver); none may listen on the machine's network interface."""
-    import psutil
 
     sweep_file = tmp_path / "one.yaml"
     sweep_file.write_text(TINY_FIXED + "axes:\n  rnp.alpha: [0.5]\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # nothing set by the caller
     command = [sys.executable, "-m", "rnp_fast", "sweep", str(sweep_file), "--store", str(tmp_path / "store")]
     command += ["--quiet", "--backend", "ray"]
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen, exposed = set(), set()
-    try:
+    with driver_process(command, env) as driver:
+        deadline = time.monotonic() + 900  # bounded: a hung driver fails the test, and is killed
         while driver.poll() is None:
-            for address, name in listening_sockets(psutil.Process(driver.pid)):
+            assert time.monotonic() < deadline, "the one-job sweep on Ray did not finish in 15 minutes"
+            for address, name in listening_sockets(driver.pid):
                 seen.add(address)
                 if address.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
                     exposed.add(f"{name} {address.ip}:{address.port}")
             time.sleep(0.5)
         out, err = driver.communicate(timeout=60)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     assert driver.returncode == 0, err[-3000:]
     assert summary_of(out)["done"] == 1
     assert len(seen) >= 2, "no Ray server was seen listening: the check saw nothing"
     assert not exposed, f"Ray listened on the network interface: {sorted(exposed)}"
 
 
-def listening_sockets(driver):
-    """(address, process name) of every listening TCP socket of ``driver`` and its descendants."""
+def listening_sockets(pid: int):
+    """(address, process name) of every listening TCP socket of process ``pid`` and its descendants
+    (none if it has just exited)."""
     import psutil
 
     found = []
     try:
+        driver = psutil.Process(pid)
         processes = [driver, *driver.children(recursive=True)]
     except psutil.Error:
         return found
