@@ -200,10 +200,12 @@ def class_count(train, tests) -> int:
 
 
 def copies_of(model: nn.Module) -> ModelFactory:
-    """Fresh copies of the caller's model with BatchNorm layers of the class asked for."""
+    """Fresh copies of the caller's model with BatchNorm layers of the class asked for, in float32:
+    a half-precision (or bfloat16) model is defended in the engine's precision (float32 weights,
+    autocast as --amp says), and its purified copy is handed back in the caller's dtypes."""
 
     def build(norm_layer: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
-        return swap_batchnorm(copy.deepcopy(model), norm_layer)
+        return swap_batchnorm(copy.deepcopy(model), norm_layer).float()
 
     return build
 
@@ -212,7 +214,8 @@ def copies_of(model: nn.Module) -> ModelFactory:
 
 
 def purified_copy(model: nn.Module, purified: nn.Module) -> nn.Module:
-    """A copy of the caller's model (its class, device, train/eval flag) holding the purified weights."""
+    """A copy of the caller's model (its class, device, dtypes, train/eval flag) holding the
+    purified weights (load_state_dict copies them into the copy's own dtypes)."""
     result = copy.deepcopy(model)
     result.load_state_dict(purified.state_dict())
     return result

@@ -11,6 +11,7 @@ non-finite values, and floating-point weights stored as integers, booleans or co
 from __future__ import annotations
 
 import errno
+import io
 import os
 import pickle
 import re
@@ -132,7 +133,10 @@ def as_os_error(error: Exception, path: Path) -> OSError:
 
 
 def save_reference_checkpoint(state: dict[str, torch.Tensor], path: Path, **extra) -> None:
-    """The reference's layout: ``{'state_dict': ..., **extra}`` through torch.save, into a file we
-    open, so that a failed write raises Python's OSError (torch's own writer says "unexpected pos")."""
+    """The reference's layout: ``{'state_dict': ..., **extra}`` through torch.save into memory, then
+    written to ``path`` by Python, so that a failed write (a full disk) raises the OSError it is:
+    torch's own writer turns it into ``RuntimeError: ... unexpected pos``, even into a file we open."""
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in state.items()}, **extra}, buffer)
     with open(path, "wb") as handle:
-        torch.save({"state_dict": {k: v.detach().cpu() for k, v in state.items()}, **extra}, handle)
+        handle.write(buffer.getbuffer())

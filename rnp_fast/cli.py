@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import sqlite3
 import sys
 import threading
 from dataclasses import MISSING, fields
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from rnp_fast import __version__
 from rnp_fast.config import (
+    MAX_REPEATS,
+    MAX_SEED,
     TRAIN_ENGINE_FIELDS,
     AttackConfig,
     BenchConfig,
@@ -27,6 +30,8 @@ from rnp_fast.config import (
     SweepRunConfig,
     TrainConfig,
     flag,
+    require,
+    require_count,
 )
 from rnp_fast.errors import UserError, one_line
 
@@ -143,14 +148,24 @@ def add_repeat_flags(parser, first_seed: str = "--seed, --seed + 1, ...") -> Non
     )
 
 
+def check_repeat_flags(args) -> None:
+    """--repeats, before anything is built from it (its list of seeds) and before torch is imported."""
+    require_count(args.repeats, "repeats", 1, MAX_REPEATS)
+    last_seed = (getattr(args, "seed", None) or 0) + args.repeats - 1
+    require(last_seed <= MAX_SEED, f"--seed + --repeats - 1 must be <= {MAX_SEED} (the largest seed), got {last_seed}")
+    if args.repeats > 1 and getattr(args, "mask_file", None):
+        raise UserError(
+            "--repeats with --mask-file: the masks are fixed, so the repeats would vary only which images are held "
+            "out to choose the threshold; drop --mask-file to repeat the whole defense (or run single defenses)"
+        )
+
+
 def repeated(job, args) -> dict | None:
     """The repeated defense when --repeats > 1 (None: run the single defense)."""
     if args.repeats == 1:
         return None
     from rnp_fast.repeats import Goal, format_seed_table, headline, run_repeats
 
-    if args.repeats < 1:
-        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     seeds = list(range(job.data.seed, job.data.seed + args.repeats))
     result = run_repeats(job, seeds, Goal(args.success_asr, args.success_clean_drop), args.repeat_over)
     if job.engine.quiet:  # else the run's log has just shown both on the terminal
@@ -189,6 +204,7 @@ def attack_param_values(args) -> list[str]:
 
 
 def run_defend(args) -> dict:
+    check_repeat_flags(args)
     reads = (args.model, args.mask_file, args.unlearned_model, args.data_dir, *attack_param_values(args))
     refuse_output_early(args.out, "defense run", *reads)
     from rnp_fast.defense import DefendJob, run_defense
@@ -229,6 +245,7 @@ def run_convert(args) -> dict:
 
 
 def run_demo(args) -> dict:
+    check_repeat_flags(args)
     refuse_output_early(args.out, "defense run")
     from rnp_fast.demo import demo_job
     from rnp_fast.demo import run_demo as demo
@@ -238,10 +255,11 @@ def run_demo(args) -> dict:
 
 
 def run_sweep_command(args) -> dict:
-    from rnp_fast.outputs import is_rnp_fast_folder
+    from rnp_fast.sweep.store import DATABASE, check_database, is_old_store
     from rnp_fast.sweep.sweep_file import read_yaml
 
-    refuse_output_early(args.store, "sweep store", args.sweep_file, owned=is_rnp_fast_folder)
+    refuse_output_early(args.store, "sweep store", args.sweep_file, owned=is_old_store)
+    check_database(Path(args.store).expanduser() / DATABASE)
     read_yaml(Path(args.sweep_file))  # aliases, deep nesting, a huge file: refused before torch is imported
     from rnp_fast.sweep.runner import run_sweep
 
@@ -287,6 +305,15 @@ def raise_terminated(signum, frame):
     raise Terminated()
 
 
+def describe_system_error(error: Exception) -> str:
+    """An operating-system or SQLite error as the user reads it: the path and the reason."""
+    if isinstance(error, OSError) and error.filename:
+        return f"cannot write {error.filename}: {error.strerror or type(error).__name__}"
+    if isinstance(error, sqlite3.Error):
+        return f"the sweep's results store: {error}"
+    return str(error) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be handled
@@ -296,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"rnp-fast: error: {one_line(error)}", file=sys.stderr)
         return error.exit_code
+    except (OSError, sqlite3.Error) as error:  # outside a run folder (a sweep's log or store): exit 1
+        print(f"rnp-fast: error: {one_line(describe_system_error(error))}", file=sys.stderr)
+        return 1
     except Terminated:
         print("rnp-fast: terminated (SIGTERM); nothing was replaced", file=sys.stderr)
         return 143

@@ -36,6 +36,32 @@ def require_seed(value: int, name: str) -> None:
     require(0 <= value <= MAX_SEED, f"--{name} must be in 0..{MAX_SEED}, got {value}")
 
 
+# Sane bounds on counts, checked before anything is built from them: a typo (an extra zero, a
+# seed pasted into --epochs) is refused in a second instead of running for years or building a
+# list of a billion entries. Each bound is far above any run in the paper or its benchmarks.
+MAX_EPOCHS = 10_000  # per stage (the reference: 20 unlearning, 20 recovering; training: 40-300)
+MAX_BATCH = 1 << 20  # images per batch
+MAX_PRUNING_STEPS = 10_000  # candidates of the pruning schedule (the reference: 19)
+MAX_REPEATS = 10_000  # defenses of --repeats
+MAX_SWEEP_JOBS = 1_000_000  # --max-jobs' own ceiling
+MAX_PARALLEL = 1024  # worker processes per device, retries, ...
+
+
+def require_count(value: int, name: str, low: int, high: int) -> None:
+    """``value`` must be an integer in ``low..high`` (``name``: the flag, without dashes)."""
+    require(
+        isinstance(value, int) and low <= value <= high,
+        f"--{name} must be in {low:,}..{high:,}, got {value:,}"
+        if isinstance(value, int)
+        else f"--{name} must be an integer",
+    )
+
+
+def pruning_steps(pruning_max: float, pruning_step: float) -> float:
+    """How many candidates a schedule of ``pruning_max`` by ``pruning_step`` has (before building it)."""
+    return pruning_max / pruning_step + 1
+
+
 @dataclass
 class DataConfig:
     dataset: str = doc(
@@ -58,8 +84,8 @@ class DataConfig:
     def __post_init__(self):
         require(0 < self.ratio <= 1, f"--ratio must be in (0, 1], got {self.ratio}")
         require(0 <= self.holdout < 1, f"--holdout must be in [0, 1), got {self.holdout}")
-        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        require(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        require_count(self.batch_size, "batch-size", 1, MAX_BATCH)
+        require_count(self.eval_batch_size, "eval-batch-size", 1, MAX_BATCH)
         require_seed(self.seed, "seed")
         if self.image_size is not None:  # the triggers' corner patches need room
             require(8 <= self.image_size <= 1024, f"--image-size must be in 8..1024, got {self.image_size}")
@@ -142,8 +168,9 @@ class RNPConfig:
         for name in ("unlearning_lr", "recovering_lr"):
             value = getattr(self, name)
             require(math.isfinite(value) and value > 0, f"--{flag(name)} must be > 0, got {value}")
-        require(self.unlearning_epochs >= 0, f"--unlearning-epochs must be >= 0, got {self.unlearning_epochs}")
-        require(self.recovering_epochs >= 1, f"--recovering-epochs must be >= 1, got {self.recovering_epochs}")
+        require_count(self.unlearning_epochs, "unlearning-epochs", 0, MAX_EPOCHS)
+        require_count(self.recovering_epochs, "recovering-epochs", 1, MAX_EPOCHS)
+        require(max(self.schedule, default=0) <= MAX_EPOCHS, f"--schedule milestones must be <= {MAX_EPOCHS:,}")
         require(0 <= self.clean_threshold <= 1, "--clean-threshold must be in [0, 1]")
         require(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
@@ -151,6 +178,11 @@ class RNPConfig:
         require(self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
         require(self.pruning_by in ("threshold", "number"), "--pruning-by must be threshold or number")
         require(self.pruning_step > 0, f"--pruning-step must be > 0, got {self.pruning_step}")
+        require(
+            math.isfinite(self.pruning_max) and pruning_steps(self.pruning_max, self.pruning_step) <= MAX_PRUNING_STEPS,
+            f"--pruning-max {self.pruning_max} by --pruning-step {self.pruning_step} makes more than "
+            f"{MAX_PRUNING_STEPS:,} pruning candidates; take a larger step",
+        )
         if self.pruning_by == "threshold":
             require(0 <= self.pruning_max <= 1, f"--pruning-max must be in [0, 1], got {self.pruning_max}")
         else:
@@ -197,12 +229,12 @@ class EngineConfig:
 
     def __post_init__(self):
         require(self.mode in ("fast", "reference"), f"--mode must be fast or reference, got {self.mode!r}")
-        require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        require_count(self.eval_every, "eval-every", 0, MAX_EPOCHS)
         require(
             self.scoring in ("batched", "sequential"),
             f"--scoring must be batched or sequential, got {self.scoring!r}",
         )
-        require(self.scoring_chunk >= 0, f"--scoring-chunk must be >= 0, got {self.scoring_chunk}")
+        require_count(self.scoring_chunk, "scoring-chunk", 0, MAX_PRUNING_STEPS)
         require(self.amp in ("bf16", "fp16", "off", "auto"), f"--amp must be bf16, fp16, off or auto, got {self.amp!r}")
         require(
             self.bn_kernel in ("triton", "torch", "auto"),
@@ -256,7 +288,7 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        require_count(self.epochs, "epochs", 1, MAX_EPOCHS)
         require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         require(
             self.lr_schedule in ("onecycle", "cosine", "multistep"),
@@ -286,10 +318,10 @@ class BenchConfig:
     def __post_init__(self):
         workloads = ", ".join(BENCH_WORKLOADS)
         require(self.workload in BENCH_WORKLOADS, f"--workload must be one of {workloads}, got {self.workload!r}")
-        require(self.repeats >= 1, f"--repeats must be >= 1, got {self.repeats}")
-        require(self.unlearning_epochs >= 0, f"--unlearning-epochs must be >= 0, got {self.unlearning_epochs}")
-        require(self.recovering_epochs >= 0, f"--recovering-epochs must be >= 0, got {self.recovering_epochs}")
-        require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        require_count(self.repeats, "repeats", 1, MAX_REPEATS)
+        require_count(self.unlearning_epochs, "unlearning-epochs", 0, MAX_EPOCHS)
+        require_count(self.recovering_epochs, "recovering-epochs", 0, MAX_EPOCHS)
+        require_count(self.eval_every, "eval-every", 0, MAX_EPOCHS)
         unknown = set(self.mode_list) - set(BENCH_MODES)
         require(not unknown and self.mode_list, f"--modes takes reference and/or fast, got {self.modes!r}")
 
@@ -322,10 +354,11 @@ class SweepRunConfig:
             not (self.gpus is not None and self.backend == "ray"),
             "--gpus is for --backend local (Ray tasks use the cluster's GPUs)",
         )
-        require(self.gpus is None or self.gpus >= 0, f"--gpus must be >= 0, got {self.gpus}")
-        require(self.jobs_per_gpu >= 1, f"--jobs-per-gpu must be >= 1, got {self.jobs_per_gpu}")
-        require(self.max_retries >= 0, f"--max-retries must be >= 0, got {self.max_retries}")
-        require(self.max_jobs >= 1, f"--max-jobs must be >= 1, got {self.max_jobs}")
+        if self.gpus is not None:
+            require_count(self.gpus, "gpus", 0, MAX_PARALLEL)
+        require_count(self.jobs_per_gpu, "jobs-per-gpu", 1, MAX_PARALLEL)
+        require_count(self.max_retries, "max-retries", 0, MAX_PARALLEL)
+        require_count(self.max_jobs, "max-jobs", 1, MAX_SWEEP_JOBS)
 
 
 # The sections of a sweep job, as sweep files name them.

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from own_resnet import OwnResNet18, copy_weights
+from tests_support import TINY_WIDTH
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -340,3 +341,26 @@ def test_the_readmes_python_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert (tmp_path / "rnp-python-run" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_defended_in_float32_and_handed_back_in_its_dtype(dtype, digits):
+    """The caller's model stays as it was (values and dtype); the purified copy has its dtypes."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, TINY_WIDTH).to(dtype)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    result = rnp_fast.defend(
+        model,
+        defense=(digits.train.images[:160], digits.train.labels[:160]),
+        mean=digits.mean,
+        std=digits.std,
+        rnp=rnp_fast.RNPConfig(unlearning_epochs=0, recovering_epochs=1, threshold=0.5),
+        data=rnp_fast.DataConfig(ratio=1.0, holdout=0.0, batch_size=32),
+        engine=rnp_fast.EngineConfig(quiet=True, device="cpu"),
+    )
+    assert all(
+        torch.equal(before[key], value) and value.dtype == before[key].dtype
+        for key, value in model.state_dict().items()
+    )
+    assert {value.dtype for value in result.model.state_dict().values() if value.is_floating_point()} == {dtype}
+    assert result.summary["pruned"] == sum(len(mask) - int((mask > 0.5).sum()) for mask in result.masks.values())

@@ -28,6 +28,7 @@ from tests_support import TINY_WIDTH
 from rnp_fast.cli import main
 from rnp_fast.models import build_model
 from rnp_fast.outputs import MARKER, OutputError, RunDirectory
+from rnp_fast.outputs.markers import mark, record_of
 from rnp_fast.prune import Channel, batchnorm_sizes
 from rnp_fast.report import format_mask_values
 from rnp_fast.sweep.store import ResultsStore
@@ -90,18 +91,32 @@ def write_hostile_sweep_files(folder: Path) -> None:
 
 
 def our_folder(path: Path, kind: str | None, files: dict[str, str], listed: bool = True) -> Path:
-    """A folder as rnp-fast leaves it: its files and a marker (``listed``: naming them, as now)."""
+    """A folder as rnp-fast leaves it: its files and a marker (``listed``: as now, proving each file;
+    else as before markers listed files: at most the kind)."""
     path.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         (path / name).write_text(content)
-    record = {"made_by": "rnp-fast", "version": "0.1.0", **({"kind": kind} if kind else {})}
-    (path / MARKER).write_text(json.dumps({**record, "files": sorted(files)} if listed else record))
+    if listed:
+        mark(path, kind, files)
+    else:
+        (path / MARKER).write_text(
+            json.dumps({"made_by": "rnp-fast", "version": "0.1.0", **({"kind": kind} if kind else {})})
+        )
     return path
 
 
-RUN_FILES = {"summary.json": "{}", "mask_values.txt": "No. \t Layer Name \t Neuron Idx \t Mask\n"}
-MODEL_FILES = {"model.safetensors": "weights", "model.pth": "weights", "train.log": "log", "summary.json": "{}"}
+# What rnp-fast writes under these names, as far as an old marker's content checks look (old_markers)
+RUN_FILES = {
+    "summary.json": json.dumps({"clean_acc_before": 0.9, "asr_before": 1.0, "pruning_by": "threshold", "rule": "r"}),
+    "mask_values.txt": "No \t Layer Name \t Neuron Idx \t Mask Score \n0 \t bn1 \t 0 \t 0.5000\n",
+}
+MODEL_FILES = {
+    "model.safetensors": "weights",
+    "model.pth": "weights",
+    "train.log": "[2026/01/01 00:00:00] - log",
+    "summary.json": '{"versions": {"rnp_fast": "0.1.0"}}',
+}
 
 
 def write_rnp_folders(w: Path) -> None:
@@ -114,7 +129,7 @@ def write_rnp_folders(w: Path) -> None:
     our_folder(w / "store" / "jobs" / "j1", "defense run", RUN_FILES)
     ResultsStore(w / "store2").close()
     our_folder(w / "store2", "sweep store", {}, listed=False)
-    old = our_folder(w / "old-run", "defense run", {**RUN_FILES, "pruning.png": "png"}, listed=False)
+    old = our_folder(w / "old-run", "defense run", {**RUN_FILES, "pruning.csv": "step,label,pruned,x\n"}, listed=False)
     (old / "my_plot.svg").write_text("<svg/>")
     unknown = our_folder(w / "older-run", None, RUN_FILES, listed=False)
     (unknown / "notes.md").write_text("# mine")
@@ -127,6 +142,64 @@ def write_rnp_folders(w: Path) -> None:
     os.symlink(w / "v", w / "link-to-v")
     os.symlink(w / "home", w / "link-to-home")
     os.symlink(w / "store" / "models", w / "link-to-models")
+
+
+def user_folder(path: Path, files: dict[str, str], marker: str | dict | None = None) -> Path:
+    """The user's folder, with their files and (a forged or damaged) ``.rnp-fast`` beside them."""
+    path.mkdir(parents=True)
+    for name, content in files.items():
+        (path / name).write_text(content)
+    if marker is not None:
+        (path / MARKER).write_text(marker if isinstance(marker, str) else json.dumps(marker))
+    return path
+
+
+def user_database(path: Path, sql: str = "CREATE TABLE photos (id INTEGER PRIMARY KEY, name TEXT)") -> None:
+    import sqlite3
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path)
+    with connection:
+        connection.execute(sql)
+        if sql.startswith("CREATE TABLE photos"):
+            connection.execute("INSERT INTO photos (name) VALUES ('cat.jpg')")
+    connection.close()
+
+
+def write_forged_markers(w: Path) -> None:
+    """Markers that claim what rnp-fast cannot prove (issue 29), next to the user's own files."""
+    precious = {"notes.txt": "precious"}
+    run = {"made_by": "rnp-fast", "kind": "defense run"}
+    user_folder(w / "forged-list", precious, {**run, "files": ["notes.txt"]})
+    stale = {"size": len("precious"), "sha256": "0" * 64}
+    user_folder(w / "forged-hash", precious, {**run, "format": 2, "files": {"notes.txt": stale}})
+    user_folder(w / "damaged", {"summary.json": '{"mine": 1}', "output.log": "my log"}, "{not json")
+    user_folder(w / "marker-list", precious, "[1, 2, 3]")
+    user_folder(w / "marker-foreign", precious, {"made_by": "someone else", "kind": "defense run"})
+    user_folder(w / "marker-kind", precious, {**run, "format": 2, "kind": "photo album", "files": {}})
+    user_folder(w / "marker-format", precious, {**run, "format": 3, "files": {}})
+    user_folder(w / "marker-huge", precious, json.dumps(run) + " " * 1_100_000)
+    outside = {"../v/keep": record_of(w / "v" / "keep").as_dict()}  # a true proof, of a file outside
+    user_folder(w / "marker-outside", precious, {**run, "format": 2, "files": outside})
+    user_folder(w / "marker-absolute", precious, {**run, "files": ["/etc/hostname", "notes.txt"]})
+    os.symlink(w / "damaged" / MARKER, user_folder(w / "marker-link", precious) / MARKER)
+    (user_folder(w / "marker-dir", precious) / MARKER).mkdir()
+    user_database(w / "user-db" / "results.sqlite")
+    user_database(
+        user_folder(w / "user-db-marked", {}, {"made_by": "rnp-fast", "kind": "sweep store"}) / "results.sqlite"
+    )
+    user_folder(w / "not-sqlite", {"results.sqlite": "name,size\ncat.jpg,3\n"})
+    user_database(w / "other-jobs" / "results.sqlite", "CREATE TABLE jobs (id INTEGER PRIMARY KEY, title TEXT)")
+
+
+def write_count_sweep_files(folder: Path) -> None:
+    """Sweep files with a key given twice, or a count no machine would finish."""
+    (folder / "dup_seed.yaml").write_text(SWEEP + "axes:\n  seed: [0, 1]\n  rnp.alpha: [0.2]\n  seed: [2]\n")
+    (folder / "dup_name.yaml").write_text("name: a\n" + SWEEP + "axes: {seed: [0]}\n")
+    huge = "name: s\nfixed:\n  data: {dataset: digits}\n  train: {epochs: 1000000000}\naxes: {seed: [0]}\n"
+    (folder / "huge_epochs.yaml").write_text(huge)
+    (folder / "huge_axis.yaml").write_text(SWEEP + "axes: {rnp.recovering_epochs: [1, 100000000000]}\n")
+    (folder / "tiny_step.yaml").write_text(SWEEP + "axes: {rnp.pruning_step: [0.05, 0.000000001]}\n")
 
 
 @pytest.fixture
@@ -148,6 +221,8 @@ def world(tmp_path, tiny_checkpoint, monkeypatch):
     ResultsStore(store).close()
     (store / MARKER).write_text('{"made_by": "rnp-fast"}')
     write_rnp_folders(tmp_path)
+    write_forged_markers(tmp_path)
+    write_count_sweep_files(inputs)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(cwd)
     yield tmp_path
@@ -264,6 +339,81 @@ QUICK_CASES = {
     "bench onto a GPU probe's result": (["bench", "--out", "{w}/inputs/probe.json"], "is a probe result made by"),
     "bench onto the user's JSON nested 100,000 deep": (["bench", "--out", "{w}/inputs/deep.json"], "was not made by"),
 }
+
+NOT_PROVEN = "cannot tell its files from yours"
+NOT_A_RESULTS_STORE = "is not an rnp-fast results store"
+
+# Issue 29: a marker is a claim, not a proof; stores, counts and duplicate keys. Each within 5 s.
+HOSTILE_CASES = {
+    "defend into a folder whose marker lists the user's file": (
+        defend(out="{w}/forged-list"),
+        "forged-list/notes.txt was not written by rnp-fast",
+    ),
+    "defend into a folder whose marker's proof does not match": (
+        defend(out="{w}/forged-hash"),
+        "forged-hash/notes.txt changed since rnp-fast wrote it",
+    ),
+    "defend into a damaged marker beside the user's summary.json": (defend(out="{w}/damaged"), "is damaged (not JSON)"),
+    "demo into a marker that is a JSON list": (["demo", "--out", "{w}/marker-list"], "is not an rnp-fast marker"),
+    "defend into another tool's marker": (defend(out="{w}/marker-foreign"), "is not an rnp-fast marker"),
+    "defend into a marker of an unknown kind": (defend(out="{w}/marker-kind"), "names an unknown kind of folder"),
+    "defend into a marker of a newer format": (defend(out="{w}/marker-format"), "has format 3"),
+    "defend into an oversized marker": (defend(out="{w}/marker-huge"), "far more than a marker rnp-fast writes"),
+    "defend into a marker proving a file outside its folder": (
+        defend(out="{w}/marker-outside"),
+        "lists '../v/keep', a path outside its folder",
+    ),
+    "defend into an old marker listing an absolute path": (
+        defend(out="{w}/marker-absolute"),
+        "lists '/etc/hostname', a path outside its folder",
+    ),
+    "defend into a marker that is a link": (defend(out="{w}/marker-link"), "is not a file rnp-fast wrote"),
+    "train-backdoor into a marker that is a folder": (train_into("{w}/marker-dir"), "is not a file rnp-fast wrote"),
+    "report into a damaged marker's folder": (report_into("{w}/damaged"), NOT_PROVEN),
+    "defend inside a folder whose marker is damaged": (
+        defend(out="{w}/damaged/sub"),
+        "whose rnp-fast marker is damaged",
+    ),
+    "sweep into the user's folder holding their results.sqlite": (
+        sweep_of("small.yaml", "{w}/user-db"),
+        "was not made",
+    ),
+    "sweep into a forged store marker over the user's database": (
+        sweep_of("small.yaml", "{w}/user-db-marked"),
+        NOT_A_RESULTS_STORE,
+    ),
+    "sweep into a store whose results.sqlite is not SQLite": (
+        sweep_of("small.yaml", "{w}/not-sqlite"),
+        "was not made by rnp-fast",
+    ),
+    "sweep into another application's jobs table": (sweep_of("small.yaml", "{w}/other-jobs"), "was not made by"),
+    "report of the user's database": (["report", "{w}/user-db-marked"], NOT_A_RESULTS_STORE),
+    # counts, checked before anything is built from them
+    "defend --repeats 1000000000": (defend("--repeats", "1000000000"), "--repeats must be in 1..10,000"),
+    "demo --repeats 1000000000": (["demo", "--out", "{w}/d", "--repeats", "1000000000"], "--repeats must be in"),
+    "defend --repeats 2 with a mask file": (
+        defend("--repeats", "2", "--mask-file", "{w}/inputs/half.txt"),
+        "--repeats with --mask-file: the masks are fixed",
+    ),
+    "defend --unlearning-epochs 10**9": (defend("--unlearning-epochs", "1000000000"), "--unlearning-epochs must be"),
+    "defend --recovering-epochs 10**12": (defend("--recovering-epochs", str(10**12)), "--recovering-epochs must be"),
+    "defend --pruning-step 1e-9": (defend("--pruning-step", "1e-9"), "more than 10,000 pruning candidates"),
+    "defend --batch-size 10**12": (defend("--batch-size", str(10**12)), "--batch-size must be in"),
+    "train-backdoor --epochs 10**9": (train_into("{w}/t") + ["--epochs", "1000000000"], "--epochs must be in"),
+    "bench --repeats 10**9": (["bench", "--repeats", "1000000000"], "--repeats must be in"),
+    "sweep --max-jobs 10**12": (sweep_of("small.yaml") + ["--max-jobs", str(10**12)], "--max-jobs must be in"),
+    "sweep --jobs-per-gpu 10**6": (sweep_of("small.yaml") + ["--jobs-per-gpu", "1000000"], "--jobs-per-gpu must be"),
+    "sweep file with a billion training epochs": (sweep_of("huge_epochs.yaml"), "epochs must be in 1..10,000"),
+    "sweep axis with 10**11 recovering epochs": (sweep_of("huge_axis.yaml"), "recovering-epochs must be in"),
+    "sweep axis with a pruning step of 1e-9": (sweep_of("tiny_step.yaml"), "more than 10,000 pruning candidates"),
+    # a key given twice in a sweep file (YAML keeps the last one silently)
+    "sweep file giving seed twice under axes": (
+        sweep_of("dup_seed.yaml"),
+        "line 6: duplicate key 'seed' (first given at line 4)",
+    ),
+    "sweep file giving name twice": (sweep_of("dup_name.yaml"), "line 2: duplicate key 'name' (first given at line 1)"),
+}
+QUICK_CASES.update(HOSTILE_CASES)
 CASES.update(QUICK_CASES)
 
 
@@ -304,6 +454,7 @@ def test_refused_with_one_line_and_nothing_touched(case, world, capsys):
 
 def test_the_table_covers_at_least_20_cases():
     assert len(CASES) >= 20 and len(QUICK_CASES) >= 5 + 10  # issue 23's cases and ten more of their kind
+    assert len(HOSTILE_CASES) >= 6 + 20  # issue 29's cases and twenty more of their kind
 
 
 def test_rerun_replaces_our_own_run_atomically_and_holdout_0_says_where_the_threshold_came_from(world, capsys):
@@ -319,7 +470,8 @@ def test_rerun_replaces_our_own_run_atomically_and_holdout_0_says_where_the_thre
     marker = json.loads((out / MARKER).read_text())
     assert marker["kind"] == "defense run" and {"summary.json", "purified.safetensors"} <= set(marker["files"])
     (out / "stale.txt").write_text("from the first run")  # a file an earlier version wrote, and listed
-    (out / MARKER).write_text(json.dumps({**marker, "files": [*marker["files"], "stale.txt"]}))
+    stale = record_of(out / "stale.txt").as_dict()
+    (out / MARKER).write_text(json.dumps({**marker, "files": {**marker["files"], "stale.txt": stale}}))
     os.link(out / "summary.json", world / "home" / "kept-summary.json")
     before = tree_digest(world / "cwd")
     assert run_cli(argv + ["--threshold", "0.5", "--batch-size", "100000"], capsys)[0] == 0
@@ -349,12 +501,18 @@ def test_users_files_make_a_rerun_refuse_and_moving_them_out_lets_it_replace(wor
     assert (world / "v" / "NOTES.txt").read_text() == "what I saw in this run"
 
 
-def test_an_old_marker_without_a_file_list_is_replaced_when_it_holds_only_rnp_fast_names(tmp_path):
-    old = our_folder(tmp_path / "old", "run", {"summary.json": "{}", "pruning_by_threshold.txt": "t"}, listed=False)
+def test_an_old_marker_without_a_file_list_is_replaced_when_its_files_are_what_rnp_fast_writes(tmp_path):
+    """Format 1 proves nothing: each file must bear rnp-fast's name and look like what it writes."""
+    table = "No \t Layer Name \t Neuron Idx \t Mask \t PoisonLoss \t PoisonACC \t CleanLoss \t CleanACC\n"
+    old = our_folder(tmp_path / "old", "run", {**RUN_FILES, "pruning_by_threshold.txt": table}, listed=False)
     with RunDirectory(old) as run:
         run.write_text("summary.json", '{"new": 1}')
     assert sorted(p.name for p in old.iterdir()) == [MARKER, "summary.json"]
-    assert json.loads((old / MARKER).read_text())["files"] == ["summary.json"]
+    marker = json.loads((old / MARKER).read_text())
+    assert marker["format"] == 2 and marker["files"] == {"summary.json": record_of(old / "summary.json").as_dict()}
+    mimic = our_folder(tmp_path / "mimic", "run", {**RUN_FILES, "pruning_by_threshold.txt": "my own table"}, False)
+    with pytest.raises(OutputError, match="mimic/pruning_by_threshold.txt was not written by rnp-fast"):
+        RunDirectory(mimic)
 
 
 def test_a_file_the_user_adds_during_the_run_stops_the_swap(tmp_path):
@@ -366,7 +524,7 @@ def test_a_file_the_user_adds_during_the_run_stops_the_swap(tmp_path):
     with pytest.raises(OutputError) as refused, RunDirectory(target) as run:
         run.write_text("summary.json", '{"new": 1}')
         (target / "notes.txt").write_text("mine")
-    assert refused.value.exit_code == 1 and "notes.txt appeared during the run" in str(refused.value)
+    assert refused.value.exit_code == 1 and "notes.txt appeared or changed during the run" in str(refused.value)
     assert tree_digest(target) == {**previous, "notes.txt": hashlib.sha256(b"mine").hexdigest()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -513,3 +671,136 @@ def test_an_error_line_looks_at_a_bounded_part_of_any_value():
         with pytest.raises(SweepFileError) as refused:
             check_value(path, value, "s.yaml", f"fixed.{path}")
         assert time.perf_counter() - started < 1 and len(str(refused.value)) < 300, str(refused.value)[:400]
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()  # a pid that no longer exists (reused only after the pid range wraps)
+    return process.pid
+
+
+def test_only_leftovers_proven_ours_are_removed_or_put_back(tmp_path):
+    """Killed runs' staging and set-aside folders are removed (or put back) only when their marker
+    proves every entry and their writer is gone; folders merely named like them are left alone,
+    whatever they hold (issue 29)."""
+    pid, target = dead_pid(), tmp_path / "run"
+    ours = tmp_path / f".run.partial-{pid}-ours"  # a killed run's staging folder, mid-write
+    with RunDirectory(tmp_path / "donor") as donor:
+        donor.write_text("summary.json", "{}")
+        shutil.copytree(donor.staging, ours)
+    user_files = {
+        f".run.partial-{pid}-mine": {"notes.txt": "mine"},  # named like staging, no marker
+        f".run.old-{pid}-mine": {"previous/notes.txt": "mine"},  # named like a set-aside result
+        f".run.old-{pid}-forged": {"previous/summary.json": "{}", "previous/.rnp-fast": "{broken"},
+        f".other.partial-{pid}-extra": {"data.csv": "1,2"},
+    }
+    for folder, files in user_files.items():
+        for name, content in files.items():
+            (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / name).write_text(content)
+    (ours / "notes.txt").write_text("dropped into our staging folder by the user")
+    before = tree_digest(tmp_path)
+    with RunDirectory(target) as run:
+        run.write_text("summary.json", '{"new": 1}')
+    after = tree_digest(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith(("run", "donor"))} == {
+        k: v for k, v in before.items() if not k.startswith(("run", "donor"))
+    }
+    (ours / "notes.txt").unlink()  # now it holds only what the run announced: proven, removed
+    set_aside = tmp_path / f".run.old-{pid}-ours"
+    shutil.move(target, set_aside / "previous")  # a run killed mid-swap: the result set aside, no target
+    from rnp_fast.outputs.leftovers import clean_up_after_killed_runs
+
+    clean_up_after_killed_runs(tmp_path)  # what a sweep does for its jobs/ and models/
+    assert not ours.exists() and not set_aside.exists()
+    assert json.loads((target / "summary.json").read_text()) == {"new": 1}  # put back
+    assert all((tmp_path / folder).is_dir() for folder in user_files)
+
+
+WRITERS = """
+import json, resource, signal, sys
+import torch
+from pathlib import Path
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from rnp_fast.checkpoint import save_reference_checkpoint, save_safetensors
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+folder, state = Path(sys.argv[1]), {"w": torch.zeros(200_000)}
+
+
+def png(path):
+    plt.figure(figsize=(20, 20))
+    plt.imshow(torch.rand(1000, 1000).numpy())
+    plt.savefig(path)
+
+
+writers = {
+    "torch.save": lambda p: save_reference_checkpoint(state, p),
+    "safetensors": lambda p: save_safetensors(state, p),
+    "json": lambda p: p.write_text(json.dumps(list(range(100_000)))),
+    "png": png,
+}
+for name, write in writers.items():
+    try:
+        write(folder / name)
+        print(name, "written")
+    except OSError as error:
+        print(name, "OSError", error.errno)
+    except Exception as error:
+        print(name, type(error).__name__)
+"""
+
+
+def test_every_writer_reports_a_full_disk_as_an_os_error(tmp_path):
+    """A write that fails midway (a full disk; here a file-size limit, which fails the same way)
+    raises OSError from every writer a run uses: torch.save's own writer says RuntimeError
+    ('unexpected pos'), safetensors its own error type; both are turned into the OSError they are."""
+    script = tmp_path / "writers.py"
+    script.write_text(WRITERS)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert lines == {name: "OSError 27" for name in ("torch.save", "safetensors", "json", "png")}, done
+
+
+def test_a_full_disk_mid_run_is_one_line_exit_1_and_the_previous_result_stays(world, tmp_path):
+    """The whole command with a file-size limit below the purified model's size: exit 1, one OS-error
+    line, the previous run intact, no staging folder left (issue 29)."""
+    out = world / "full"
+    argv = [a.replace("{w}", str(world)) for a in defend("--threshold", "0.5", out=str(out))]
+    assert main(argv) == 0
+    previous = tree_digest(out)
+
+    def limit_file_size():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "rnp_fast", *argv],
+        preexec_fn=limit_file_size,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr and "File too large" in done.stderr, done.stderr
+    assert tree_digest(out) == previous
+    assert [p.name for p in world.iterdir() if p.name.startswith(".full.")] == []
+
+
+def test_an_os_error_outside_a_run_folder_is_one_line_exit_1(tmp_path, capsys):
+    """A sweep store whose sweep.log cannot be written (here: a folder of that name)."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(SWEEP + "axes: {seed: [0]}\n")
+    store = tmp_path / "st"
+    store.mkdir()
+    mark(store, "sweep store")
+    (store / "sweep.log").mkdir()
+    code, err = run_cli(["sweep", str(sweep), "--store", str(store), "--quiet"], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"rnp-fast: error: cannot write {store}/sweep.log: Is a directory"
+    ]

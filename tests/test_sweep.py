@@ -25,10 +25,11 @@ from tests_support import TINY_WIDTH
 from rnp_fast.cli import main
 from rnp_fast.config import SweepRunConfig
 from rnp_fast.errors import UserError
+from rnp_fast.outputs import RunDirectory
 from rnp_fast.sweep.backends import SCRATCH_PREFIX
 from rnp_fast.sweep.runner import run_sweep
 from rnp_fast.sweep.spec import load_sweep
-from rnp_fast.sweep.store import SCHEMA, ResultsStore, exclusive, open_existing
+from rnp_fast.sweep.store import APPLICATION_ID, SCHEMA, NotAStore, ResultsStore, exclusive, open_existing
 
 NO_RAY = importlib.util.find_spec("ray") is None
 TINY_FIXED = f"""\
@@ -184,7 +185,7 @@ def test_sweep_commands_have_help(command, flag, capsys):
 def test_bad_options_are_rejected(tmp_path, capsys):
     sweep_file = write(tmp_path / "s.yaml", TWELVE_JOBS)
     assert main(["sweep", str(sweep_file), "--store", str(tmp_path / "a"), "--jobs-per-gpu", "0"]) == 2
-    assert "--jobs-per-gpu must be >= 1" in capsys.readouterr().err
+    assert "--jobs-per-gpu must be in 1..1,024" in capsys.readouterr().err
     assert main(["sweep", str(sweep_file), "--store", str(tmp_path / "b"), "--address", "x:1"]) == 2
     assert "--address is for --backend ray" in capsys.readouterr().err
 
@@ -248,7 +249,7 @@ def test_report_on_a_store_without_results(tmp_path, capsys):
     assert "no sweep results here" in capsys.readouterr().err
     (tmp_path / "results.sqlite").write_text("not a database")
     assert main(["report", str(tmp_path)]) == 2
-    assert "not a results store" in capsys.readouterr().err
+    assert "is not an rnp-fast results store" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -406,6 +407,34 @@ def test_store_from_before_thread_counts_gains_the_column(tmp_path):
     [row] = store.rows()
     assert (row["threads"], row["attempts"], row["status"]) == (1, 3, "done")
     store.close()
+    connection = sqlite3.connect(tmp_path / "results.sqlite")
+    assert connection.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID  # ours from now on
+    connection.close()
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_a_results_sqlite_rnp_fast_did_not_create_is_never_opened_for_writing(journal, tmp_path):
+    """Another application's database (here: in either journal mode) is inspected read-only and
+    immutable: no statement, no migration, no journal, -wal or -shm file; one line says why."""
+    database = tmp_path / "results.sqlite"
+    connection = sqlite3.connect(database)
+    connection.execute(f"PRAGMA journal_mode={journal}")
+    with connection:
+        connection.execute("CREATE TABLE jobs (hash TEXT, status TEXT, mine TEXT)")  # our table's name, not ours
+        connection.execute("INSERT INTO jobs VALUES ('a', 'done', 'precious')")
+    connection.close()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for open_store in (ResultsStore, open_existing):
+        with pytest.raises(NotAStore, match="is not an rnp-fast results store"):
+            open_store(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_new_store_says_it_is_rnp_fasts_in_its_header(tmp_path):
+    ResultsStore(tmp_path).close()
+    header = (tmp_path / "results.sqlite").read_bytes()[68:72]  # SQLite's application id, in the main file
+    assert int.from_bytes(header, "big") == APPLICATION_ID
+    ResultsStore(tmp_path).close()  # and it opens again
 
 
 def test_only_dead_tasks_scratch_folders_are_removed(tmp_path, monkeypatch):
@@ -422,9 +451,13 @@ def test_only_dead_tasks_scratch_folders_are_removed(tmp_path, monkeypatch):
         "not ours": f"{SCRATCH_PREFIX}notes",
         "older name": f"{SCRATCH_PREFIX}k2j4h3",
     }
-    for name in folders.values():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "file").write_text("x")
+    for name in folders.values():  # each a killed task's scratch: its job's run folder, complete
+        with RunDirectory(tmp_path / name / "job", kind="sweep job") as run:
+            run.write_text("summary.json", "{}")
+    users = f"{SCRATCH_PREFIX}{dead.pid}-{host}-users_files"  # named like one, holding the user's file
+    (tmp_path / users).mkdir()
+    (tmp_path / users / "notes.txt").write_text("mine")
+    folders["user's"] = users
     (tmp_path / f"{SCRATCH_PREFIX}{dead.pid}-{host}-file").write_text("a file, not a folder")
     backends.remove_dead_scratch()
     left = {p.name for p in tmp_path.iterdir()}

@@ -1,134 +1,258 @@
-"""The marker: the ``.rnp-fast`` file in every folder rnp-fast makes, saying what the folder is (its
-kind) and which files rnp-fast wrote into it; reading it, writing it, and telling the folder's
-files apart from the user's."""
+"""The marker: the ``.rnp-fast`` file in every folder rnp-fast makes. A marker is a claim, not a
+proof, so it records what rnp-fast needs to recognise its files again:
+
+    {"made_by": "rnp-fast", "format": 2, "version": "0.1.0", "kind": "defense run",
+     "files": {"summary.json": {"size": 1234, "sha256": "..."}, ...}}
+
+A file counts as rnp-fast's only while its size and SHA-256 still match the marker's record: a
+file the user added, edited or replaced is theirs, and a marker that lists a file it does not
+match proves nothing about it. A marker that is unreadable, not JSON, not rnp-fast's format, of an
+unknown kind, oversized, or that names a path outside its folder is refused outright
+(`MarkerError`, exit code 2): rnp-fast then cannot tell its files from the user's, so it touches
+none of them. Folders from before markers recorded hashes (format 1) are judged by `old_markers`.
+
+A staging folder (a run being written) has a marker with ``"staging": true`` and the names the run
+has started writing (``"writing"``): their content is not final yet, so a killed run's staging
+folder is recognised by those names alone (`leftovers`).
+"""
 
 from __future__ import annotations
 
-import fnmatch
+import hashlib
 import json
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 from rnp_fast import __version__
+from rnp_fast.outputs.errors import OutputError
 
 MARKER = ".rnp-fast"
 MADE_BY = "rnp-fast"
+FORMAT = 2  # 1: a list of file names (or nothing) without hashes; see old_markers
+
 DEFENSE_RUN = "defense run"
 TRAINED_MODEL = "trained model"
 SWEEP_REPORT = "sweep report"
 SWEEP_STORE = "sweep store"
+KINDS = (DEFENSE_RUN, TRAINED_MODEL, SWEEP_REPORT, SWEEP_STORE)
 GROWS_IN_PLACE = (SWEEP_STORE,)  # never replaced as a whole: its command adds to it
 OLD_KIND_NAMES = {"run": DEFENSE_RUN, "sweep job": DEFENSE_RUN}  # a sweep job's folder is a defense run
-OLD_STORE_FILE = "results.sqlite"  # stores made before stores were marked hold it (sweep.store.DATABASE)
 
-# The files each kind of folder has held since rnp-fast 0.1: what counts as rnp-fast's in a folder
-# whose marker predates the recorded file lists. Fixed history, not a list to keep up to date.
-OLD_FILES = {
-    DEFENSE_RUN: (
-        "output.log",
-        "mask_values.txt",
-        "pruning_by_*.txt",
-        "pruning.csv",
-        "pruning.png",
-        "summary.json",
-        "config.json",
-        "purified.safetensors",
-        "purified.pth",
-    ),
-    TRAINED_MODEL: ("train.log", "model.safetensors", "model.pth", "summary.json"),
-    SWEEP_REPORT: ("results.md", "results.csv", "threshold_*.png"),
-}
-MAX_MARKER_BYTES = 1_000_000  # a marker lists a few file names; a bigger one is not ours
+MAX_MARKER_BYTES = 1_000_000  # a marker lists a few files; a bigger one is not ours
+SHA256 = re.compile(r"[0-9a-f]{64}")
+HASH_CHUNK = 1 << 20
+
+
+class MarkerError(OutputError):
+    """A marker rnp-fast cannot trust: nothing in its folder is touched (exit code 2)."""
+
+    def __init__(self, directory: Path, reason: str):
+        super().__init__(
+            f"{directory / MARKER} {reason}: rnp-fast cannot tell its files from yours in {directory} and "
+            "touches nothing there; choose another output folder (or remove that one yourself)"
+        )
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    sha256: str
+
+    def as_dict(self) -> dict:
+        return {"size": self.size, "sha256": self.sha256}
 
 
 @dataclass(frozen=True)
 class Marker:
-    kind: str | None  # None: an old marker, which did not say
-    files: frozenset[str] | None  # None: an old marker, which did not list them
+    kind: str | None  # None: an old marker that did not say (old_markers reads it from the files)
+    files: Mapping[str, FileRecord] | None = None  # format 2: every file rnp-fast wrote, with its proof
+    old_names: frozenset[str] | None = None  # format 1: the file names it listed (None: no list)
+    writing: frozenset[str] = field(default_factory=frozenset)  # a staging folder: names being written
+    staging: bool = False
+
+    @property
+    def is_old(self) -> bool:
+        return self.files is None
+
+
+def record_of(path: Path) -> FileRecord:
+    """The size and SHA-256 of the file at ``path`` (read in chunks: models can be large)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileRecord(size, digest.hexdigest())
+
+
+def matches(path: Path, record: FileRecord) -> bool:
+    """Is the file at ``path`` still the one the record describes? (Size first: no hashing of a
+    file that already differs.)"""
+    try:
+        return path.lstat().st_size == record.size and record_of(path) == record
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+
+def has_marker(directory: Path) -> bool:
+    """Whether ``directory`` holds something named like a marker (trusted or not)."""
+    return os.path.lexists(directory / MARKER)
 
 
 def read_marker(directory: Path) -> Marker | None:
-    """The marker of ``directory``, or None when it has none (not a folder of ours)."""
+    """The marker of ``directory``; None when it has none; `MarkerError` when it has one that
+    rnp-fast cannot trust (see the module docstring)."""
     path = directory / MARKER
+    if not os.path.lexists(path):
+        return None
+    if path.is_symlink() or not path.is_file():
+        raise MarkerError(directory, "is not a file rnp-fast wrote (a link or a folder)")
     try:
-        if not path.is_file() or path.is_symlink():
-            return None
-        if path.stat().st_size > MAX_MARKER_BYTES:
-            return Marker(None, None)
+        size = path.stat().st_size
+        if size > MAX_MARKER_BYTES:
+            raise MarkerError(directory, f"is {size:,} bytes, far more than a marker rnp-fast writes")
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return Marker(None, None)  # ours by name, content unreadable: treated as an old marker
-    if not isinstance(record, dict):
-        return Marker(None, None)
+    except MarkerError:
+        raise
+    except OSError as error:
+        raise MarkerError(directory, f"cannot be read ({error.strerror or error})") from None
+    except (ValueError, RecursionError):
+        raise MarkerError(directory, "is damaged (not JSON)") from None
+    if not isinstance(record, dict) or record.get("made_by") != MADE_BY:
+        raise MarkerError(directory, 'is not an rnp-fast marker (no "made_by": "rnp-fast")')
+    return parse_marker(directory, record)
+
+
+def parse_marker(directory: Path, record: dict) -> Marker:
+    version = record.get("format", 1)
+    if version == 1 and "format" not in record:
+        return parse_old_marker(directory, record)
+    if version != FORMAT:
+        raise MarkerError(directory, f"has format {version!r}, which this rnp-fast does not know")
+    kind = known_kind(directory, record.get("kind"))
+    staging = record.get("staging") is True
+    files = record.get("files", {})
+    writing = record.get("writing", [])
+    if not isinstance(files, dict) or not isinstance(writing, list):
+        raise MarkerError(directory, "is damaged (its file list is not a list)")
+    return Marker(
+        kind,
+        files={safe_name(directory, name): file_record(directory, name, value) for name, value in files.items()},
+        writing=frozenset(safe_name(directory, name) for name in writing),
+        staging=staging,
+    )
+
+
+def parse_old_marker(directory: Path, record: dict) -> Marker:
+    """A format-1 marker: a kind (or none) and a list of names (or none), without proofs."""
     kind = record.get("kind")
-    kind = OLD_KIND_NAMES.get(kind, kind) if isinstance(kind, str) else None
-    files = record.get("files")
-    listed = frozenset(f for f in files if isinstance(f, str)) if isinstance(files, list) else None
-    return Marker(kind, listed)
+    kind = None if kind is None else known_kind(directory, OLD_KIND_NAMES.get(kind, kind))
+    names = record.get("files")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise MarkerError(directory, "is damaged (its file list is not a list of names)")
+    return Marker(kind, old_names=None if names is None else frozenset(safe_name(directory, n) for n in names))
 
 
-def folder_kind(directory: Path, marker: Marker) -> str | None:
-    """The recorded kind, or for an old marker the kind its contents show (None: cannot tell)."""
-    if marker.kind is not None:
-        return marker.kind
-    if (directory / OLD_STORE_FILE).is_file():
-        return SWEEP_STORE
-    if (directory / "model.safetensors").is_file() and (directory / "train.log").is_file():
-        return TRAINED_MODEL
-    if (directory / "results.md").is_file():
-        return SWEEP_REPORT
-    if (directory / "summary.json").is_file() or (directory / "mask_values.txt").is_file():
-        return DEFENSE_RUN
-    return None
+def known_kind(directory: Path, kind) -> str:
+    if kind not in KINDS:
+        shown = repr(kind)[:60]
+        raise MarkerError(directory, f"names an unknown kind of folder ({shown})")
+    return kind
 
 
-def is_rnp_fast_folder(directory: Path) -> bool:
-    """Marked as ours, or a sweep store made before stores were marked."""
-    return (directory / MARKER).is_file() or (directory / OLD_STORE_FILE).is_file()
+def safe_name(directory: Path, name) -> str:
+    """A listed name must be a plain relative path inside the folder: never absolute, never ``..``."""
+    if not isinstance(name, str):
+        raise MarkerError(directory, f"lists {repr(name)[:60]}, which is not a file name")
+    parts = PurePosixPath(name).parts
+    if not name or name.startswith("/") or "\\" in name or "\0" in name or ".." in parts or name != "/".join(parts):
+        raise MarkerError(directory, f"lists {name[:80]!r}, a path outside its folder or not a plain name")
+    if name == MARKER:
+        raise MarkerError(directory, "lists itself")
+    return name
+
+
+def file_record(directory: Path, name: str, value) -> FileRecord:
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("size"), int)
+        and value["size"] >= 0
+        and isinstance(value.get("sha256"), str)
+        and SHA256.fullmatch(value["sha256"])
+    ):
+        return FileRecord(value["size"], value["sha256"])
+    raise MarkerError(directory, f"is damaged (no size and SHA-256 for {name[:80]!r})")
 
 
 def is_ours(directory: Path) -> bool:
-    return (directory / MARKER).is_file()
+    """Marked by a marker rnp-fast can read (its files still to be proven one by one)."""
+    try:
+        return read_marker(directory) is not None
+    except MarkerError:
+        return False
 
 
-def written_by_us(marker: Marker, kind: str | None, name: str) -> bool:
-    """Is ``name`` (relative to the folder) a file rnp-fast wrote there?"""
-    if name == MARKER:
-        return True
-    if marker.files is not None:
-        return name in marker.files
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OLD_FILES.get(kind, ()))
+# ------------------------------------------------------------------------------------------------
+# Proving: which entries of a folder are rnp-fast's
+# ------------------------------------------------------------------------------------------------
 
 
-def owned_name(marker: Marker, kind: str | None, name: str) -> bool:
-    """Is ``name`` (a file, or a folder written ``name/``) rnp-fast's in a folder with ``marker``?"""
-    if name.endswith("/"):
-        return listed_below(marker.files, name)
-    return written_by_us(marker, kind, name)
+def first_unproven(directory: Path, marker: Marker, kind: str | None) -> tuple[str, str] | None:
+    """The first entry of ``directory`` (sorted, depth first) that the marker does not prove to be
+    rnp-fast's, with the reason; None when every entry is rnp-fast's."""
+    from rnp_fast.outputs.old_markers import old_file_is_ours  # format 1: judged by content
+
+    def proven(name: str, path: Path) -> str | None:
+        if marker.staging:
+            return None if name in marker.writing else "was not written by rnp-fast"
+        if marker.is_old:
+            return None if old_file_is_ours(marker, kind, name, path) else "was not written by rnp-fast"
+        record = marker.files.get(name)
+        if record is None:
+            return "was not written by rnp-fast"
+        return None if matches(path, record) else "changed since rnp-fast wrote it"
+
+    return walk_unproven(directory, "", proven, lambda folder: claims_below(marker, folder))
 
 
-def first_foreign(directory: Path, is_ours) -> str | None:
-    """The first entry (sorted, depth first) that ``is_ours(relative name)`` does not claim: a
-    user's file, folder or link; a folder of ours counts as ours when a claimed file lies in it."""
+def walk_unproven(directory: Path, prefix: str, proven, claims_folder) -> tuple[str, str] | None:
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        name = Path(entry.path).relative_to(directory).as_posix()
+        name = prefix + entry.name
+        if name == MARKER:
+            continue
         if entry.is_symlink():
-            return name  # rnp-fast never makes links
+            return name, "was not written by rnp-fast"  # rnp-fast never makes links
         if entry.is_dir(follow_symlinks=False):
-            if not is_ours(name + "/"):
-                return name + "/"
-            inner = first_foreign(Path(entry.path), lambda rest, prefix=name: is_ours(f"{prefix}/{rest}"))
+            if not claims_folder(name + "/"):
+                return name + "/", "was not written by rnp-fast"
+            inner = walk_unproven(Path(entry.path), name + "/", proven, claims_folder)
             if inner is not None:
-                return f"{name}/{inner}"
-        elif not is_ours(name):
-            return name
+                return inner
+        else:
+            reason = proven(name, Path(entry.path))
+            if reason is not None:
+                return name, reason
     return None
 
 
-def listed_below(files: frozenset[str] | None, folder: str) -> bool:
-    return files is not None and any(f.startswith(folder) for f in files)
+def claims_below(marker: Marker, folder: str) -> bool:
+    """Does the marker claim a file inside ``folder`` (written ``name/``)?"""
+    names = marker.writing if marker.staging else (marker.old_names if marker.is_old else marker.files)
+    return names is not None and any(name.startswith(folder) for name in names)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
 
 
 def files_in(directory: Path) -> list[str]:
@@ -136,9 +260,18 @@ def files_in(directory: Path) -> list[str]:
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
 
 
-def mark(directory: Path, kind: str, files: Iterable[str] | None = None) -> None:
-    """Claim ``directory`` as ours (see the module docstring)."""
-    record = {"made_by": MADE_BY, "version": __version__, "kind": kind}
-    if files is not None:
-        record["files"] = sorted(files)
+def mark(directory: Path, kind: str, files: Iterable[str] = ()) -> None:
+    """Claim ``directory`` as ours: its kind and, for each of ``files`` (relative names), the
+    proof that rnp-fast wrote it."""
+    proofs = {name: record_of(directory / name).as_dict() for name in sorted(files)}
+    write_marker(directory, {"kind": kind, "files": proofs})
+
+
+def mark_staging(directory: Path, kind: str, writing: Iterable[str] = ()) -> None:
+    """The marker of a run being written: the names it has started writing (content not final)."""
+    write_marker(directory, {"kind": kind, "staging": True, "writing": sorted(writing)})
+
+
+def write_marker(directory: Path, fields: dict) -> None:
+    record = {"made_by": MADE_BY, "format": FORMAT, "version": __version__, **fields}
     (directory / MARKER).write_text(json.dumps(record) + "\n", encoding="utf-8")

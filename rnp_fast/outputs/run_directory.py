@@ -11,19 +11,19 @@ from pathlib import Path
 
 from rnp_fast.errors import UserError
 from rnp_fast.outputs.errors import OutputError, os_error
-from rnp_fast.outputs.leftovers import clean_up_after_killed_runs, is_empty, refuse_live_writer
+from rnp_fast.outputs.leftovers import PREVIOUS, clean_up_after_killed_runs, is_empty, refuse_live_writer
 from rnp_fast.outputs.locks import locked, try_lock
 from rnp_fast.outputs.markers import (
     DEFENSE_RUN,
     OLD_KIND_NAMES,
-    Marker,
+    MarkerError,
     files_in,
-    first_foreign,
-    folder_kind,
+    first_unproven,
     mark,
-    owned_name,
+    mark_staging,
     read_marker,
 )
+from rnp_fast.outputs.old_markers import guess_kind
 from rnp_fast.outputs.results import json_text
 from rnp_fast.outputs.vetting import path_kind, vet_output
 
@@ -39,17 +39,18 @@ class RunDirectory:
         self.target = vet_output(target, reads, kind=self.kind)
         self.staging: Path | None = None
         self.lock: int | None = None
+        self.writing: set[str] = set()  # names announced in the staging marker
 
     def __enter__(self) -> RunDirectory:
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             with locked(self.target.parent):
-                clean_up_after_killed_runs(self.target)
+                clean_up_after_killed_runs(self.target.parent, self.target.name)
                 refuse_live_writer(self.target)
                 self.staging = Path(tempfile.mkdtemp(prefix=self.prefix("partial"), dir=self.target.parent))
                 self.lock = try_lock(self.staging)
                 self.staging.chmod(0o755)  # mkdtemp makes it private; a results directory is not
-                mark(self.staging, self.kind)
+                mark_staging(self.staging, self.kind)
         except OSError as error:
             self.discard()
             raise os_error(self.target, error) from None
@@ -94,6 +95,11 @@ class RunDirectory:
         return f".{self.target.name}.{kind}-{os.getpid()}-"
 
     def path(self, name: str) -> Path:
+        """Where to write ``name``; the staging marker records the name first, so that a later run
+        can prove a killed run's staging folder holds nothing but rnp-fast's files (leftovers)."""
+        if name not in self.writing:
+            self.writing.add(name)
+            mark_staging(self.staging, self.kind, self.writing)
         return self.staging / name
 
     def write_text(self, name: str, text: str) -> Path:
@@ -105,39 +111,37 @@ class RunDirectory:
         return self.write_text(name, json_text(data))
 
     def commit(self) -> None:
-        """Record the files written, then swap the staging directory into place; the old result
-        is removed only afterwards, and only if it still holds nothing but rnp-fast's files (the
-        user may have added some during the run)."""
-        written = files_in(self.staging)
-        mark(self.staging, self.kind, written)
+        """Record the proof of every file written, then swap the staging directory into place; the
+        old result is set aside first and removed only afterwards, and only if its marker still
+        proves every file in it (the user may have added or changed some during the run)."""
+        mark(self.staging, self.kind, files_in(self.staging))
         with locked(self.target.parent):
             old = None
             if path_kind(self.target) != "missing":
-                self.refuse_changed_target(written)
+                self.refuse_changed_target()
                 old = Path(tempfile.mkdtemp(prefix=self.prefix("old"), dir=self.target.parent))
-                os.replace(self.target, old / "previous")
+                os.replace(self.target, old / PREVIOUS)
             os.replace(self.staging, self.target)
         self.staging = None
         self.discard()
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
-    def refuse_changed_target(self, written: list[str]) -> None:
+    def refuse_changed_target(self) -> None:
         """The target as the run found it may have changed since it was vetted: it must still be
-        ours, of this kind, holding nothing but files rnp-fast wrote there or writes now."""
+        ours, of this kind, its marker proving every file in it."""
         if self.target.is_dir() and is_empty(self.target):
             return
-        marker = read_marker(self.target) if self.target.is_dir() else None
-        if marker is not None and folder_kind(self.target, marker) == self.kind:
-            again = Marker(self.kind, frozenset(written))
-            foreign = first_foreign(
-                self.target, lambda name: owned_name(again, self.kind, name) or owned_name(marker, self.kind, name)
-            )
-            if foreign is None:
+        what = f"{self.target} changed"
+        try:
+            marker = read_marker(self.target) if self.target.is_dir() else None
+        except MarkerError:
+            marker = None
+        if marker is not None and not marker.staging and guess_kind(self.target, marker) == self.kind:
+            unproven = first_unproven(self.target, marker, self.kind)
+            if unproven is None:
                 return
-            what = f"{self.target}/{foreign} appeared"
-        else:
-            what = f"{self.target} changed"
+            what = f"{self.target}/{unproven[0]} appeared or changed"
         raise OutputError(
             f"{what} during the run and was not written by rnp-fast; nothing was replaced (choose another --out)",
             exit_code=1,

@@ -14,15 +14,14 @@ from rnp_fast.outputs.errors import OutputError, os_error
 from rnp_fast.outputs.leftovers import is_empty, refuse_live_writer
 from rnp_fast.outputs.markers import (
     GROWS_IN_PLACE,
-    Marker,
-    first_foreign,
-    folder_kind,
-    is_ours,
-    is_rnp_fast_folder,
+    SWEEP_STORE,
+    MarkerError,
+    first_unproven,
+    has_marker,
     mark,
-    owned_name,
     read_marker,
 )
+from rnp_fast.outputs.old_markers import OLD_STORE_FILE, guess_kind
 
 _OWN_FOLDERS: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("own_folders", default=())
 
@@ -45,11 +44,23 @@ def refuse_inside_our_folder(target: Path, flag: str) -> None:
         if ancestor in _OWN_FOLDERS.get():
             return
         if is_rnp_fast_folder(ancestor):
-            marker = read_marker(ancestor) or Marker(None, None)
-            kind = folder_kind(ancestor, marker) or "folder made by rnp-fast"
             raise OutputError(
-                f"{flag} {target} lies inside {ancestor}, a {kind} made by rnp-fast; choose a folder outside it"
+                f"{flag} {target} lies inside {ancestor}, {describe_folder(ancestor)}; choose a folder outside it"
             )
+
+
+def is_rnp_fast_folder(directory: Path) -> bool:
+    """Marked (trusted or not), or a sweep store made before stores were marked: never written into."""
+    return has_marker(directory) or (directory / OLD_STORE_FILE).is_file()
+
+
+def describe_folder(directory: Path) -> str:
+    try:
+        marker = read_marker(directory)
+    except MarkerError:
+        return "a folder whose rnp-fast marker is damaged"
+    kind = guess_kind(directory, marker) if marker is not None else SWEEP_STORE
+    return f"a {kind or 'folder'} made by rnp-fast"
 
 
 def vet_output(
@@ -81,23 +92,29 @@ def vet_output(
 
 
 def refuse_unless_replaceable(target: Path, kind: str | None, flag: str, owned=None) -> None:
-    """``target`` (a non-empty directory) must be a folder of ``kind`` holding only rnp-fast's files."""
+    """``target`` (a non-empty directory) must be a folder of ``kind`` whose every file the marker
+    proves to be rnp-fast's (markers.first_unproven); a damaged marker is refused (MarkerError)."""
     marker = read_marker(target)
     if marker is None:
         if owned is not None and owned(target):
             return
         raise OutputError(f"{target} exists and was not made by rnp-fast; choose another {flag} or remove it yourself")
-    found = folder_kind(target, marker)
+    if marker.staging:
+        raise OutputError(
+            f"{flag} {target} is a run rnp-fast was still writing (its marker says so); choose another {flag}"
+        )
+    found = guess_kind(target, marker)
     if found != (kind or found) or (kind is None and found in GROWS_IN_PLACE):
         what = f"a {found}" if found else "a folder of an unknown kind"
         wanted = f"a {kind}" if kind else "the kind this command writes"
         raise OutputError(f"{flag} {target} is {what} made by rnp-fast, not {wanted}; choose another {flag}")
     if found in GROWS_IN_PLACE:
         return
-    foreign = first_foreign(target, lambda name: owned_name(marker, found, name))
-    if foreign is not None:
+    unproven = first_unproven(target, marker, found)
+    if unproven is not None:
+        name, reason = unproven
         raise OutputError(
-            f"{target}/{foreign} was not written by rnp-fast; move your files out of {target} "
+            f"{target}/{name} {reason}; move your files out of {target} "
             f"(rnp-fast replaces a {found} as a whole) or choose another {flag}"
         )
     refuse_read_only(target, flag)
@@ -203,7 +220,7 @@ def claim_directory(directory: Path, kind: str) -> None:
     in place instead of being replaced."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        if not is_ours(directory):
+        if not has_marker(directory):
             mark(directory, kind)
     except OSError as error:
         raise os_error(directory, error) from None

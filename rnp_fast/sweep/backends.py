@@ -23,6 +23,7 @@ from pathlib import Path
 
 from rnp_fast.errors import UserError
 from rnp_fast.outputs import RunDirectory, process_alive
+from rnp_fast.outputs.leftovers import is_empty, proven_ours
 from rnp_fast.sweep.execute import run_job
 from rnp_fast.sweep.job import Job
 
@@ -193,7 +194,8 @@ def write_artifacts(job_dir: Path, files: dict[str, bytes]) -> None:
 def remove_dead_scratch() -> None:
     """Remove the scratch folders of this host's Ray tasks whose process is dead (a killed worker
     cannot clean up after itself). Only folders named by ray_job, owned by this user, made on this
-    host by a process that no longer exists; anything else in the temp folder is left alone."""
+    host by a process that no longer exists, and holding nothing but what rnp-fast can prove it
+    wrote there (the job's run folder, or its staging folder); anything else is left alone."""
     pattern = re.compile(rf"{re.escape(SCRATCH_PREFIX)}(\d+)-(.+)-[A-Za-z0-9_]+")
     host = socket.gethostname()
     root = Path(tempfile.gettempdir())
@@ -201,8 +203,19 @@ def remove_dead_scratch() -> None:
         match = pattern.fullmatch(folder.name)
         if not match or match[2] != host or process_alive(int(match[1])):
             continue
-        if folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid():
+        if folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid() and holds_ours(folder):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def holds_ours(folder: Path) -> bool:
+    """Every entry of ``folder`` is a folder rnp-fast can prove its own (outputs.leftovers), or empty."""
+    try:
+        return all(
+            entry.is_dir() and not entry.is_symlink() and (is_empty(entry) or proven_ours(entry))
+            for entry in folder.iterdir()
+        )
+    except OSError:
+        return False
 
 
 LOOPBACK_HOSTS = ("127.", "localhost", "::1", "[::1]")

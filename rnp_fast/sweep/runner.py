@@ -13,18 +13,18 @@ Store layout::
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rnp_fast.config import SweepRunConfig
 from rnp_fast.errors import UserError
-from rnp_fast.outputs import SWEEP_STORE, is_ours, vet_output, writing_inside
+from rnp_fast.outputs import SWEEP_STORE, vet_output, writing_inside
+from rnp_fast.outputs.leftovers import clean_up_after_killed_runs
 from rnp_fast.sweep.job import Job
 from rnp_fast.sweep.progress import SweepLog
 from rnp_fast.sweep.spec import Sweep, load_sweep
-from rnp_fast.sweep.store import DATABASE, ResultsStore, exclusive
+from rnp_fast.sweep.store import DATABASE, ResultsStore, check_database, exclusive, is_old_store
 
 
 @dataclass
@@ -44,7 +44,8 @@ class StorePaths:
 
 def run_sweep(sweep_file: str, options: SweepRunConfig) -> dict:
     started = time.perf_counter()
-    directory = vet_output(options.store, [sweep_file], flag="--store", owned=is_store, kind=SWEEP_STORE)
+    directory = vet_output(options.store, [sweep_file], flag="--store", owned=is_old_store, kind=SWEEP_STORE)
+    check_database(directory / DATABASE)  # a results.sqlite of another application is never written
     sweep = load_sweep(sweep_file, options.max_jobs)  # every check happens here, before anything is written
     backend = make_backend(options)
     try:
@@ -58,11 +59,6 @@ def run_sweep(sweep_file: str, options: SweepRunConfig) -> dict:
     finally:
         backend.close()
     return {"store": str(directory), "sweep": sweep.name, **counts, "seconds": time.perf_counter() - started}
-
-
-def is_store(directory: Path) -> bool:
-    """Ours: marked, or a store written before stores were marked (it holds our results database)."""
-    return is_ours(directory) or (directory / DATABASE).is_file()
 
 
 def run_pending(sweep: Sweep, store: ResultsStore, backend, paths: StorePaths, options: SweepRunConfig) -> dict:
@@ -94,11 +90,10 @@ def run_pending(sweep: Sweep, store: ResultsStore, backend, paths: StorePaths, o
 
 
 def remove_partial_outputs(paths: StorePaths) -> None:
-    """Staging directories of models and jobs cut short by a crash (see ``outputs.RunDirectory``):
-    nothing else writes into the store while we hold its lock, so they are garbage."""
+    """What models and jobs cut short by a crash left (see ``outputs.leftovers``): removed where
+    proven ours, left alone otherwise."""
     for parent in (paths.models, paths.directory / "jobs"):
-        for staging in parent.glob(".*.partial-*") if parent.is_dir() else ():
-            shutil.rmtree(staging, ignore_errors=True)
+        clean_up_after_killed_runs(parent)
 
 
 class Recorder:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +50,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 # Columns added after stores existed: added to an older store's table when the driver opens it.
 LATER_COLUMNS = {"threads": "INTEGER"}
+COLUMNS = frozenset(re.findall(r"^\s{4}(\w+)\s", SCHEMA, re.M))
+# SQLite's header field for "which application's file is this" (PRAGMA application_id): "RNPF".
+# Written when a store is created (before WAL, so that it lies in the main file at once).
+APPLICATION_ID = 0x524E5046
 
 
 class ResultsStore:
@@ -61,8 +66,11 @@ class ResultsStore:
         if read_only:
             self.connection = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
         else:
+            check_database(self.path)  # never a statement on a database rnp-fast did not create
             self.directory.mkdir(parents=True, exist_ok=True)
             self.connection = sqlite3.connect(self.path, timeout=60)
+            if self.connection.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+                self.connection.execute(f"PRAGMA application_id={APPLICATION_ID}")  # new, or an old store of ours
             self.connection.execute("PRAGMA journal_mode=WAL")  # stored in the file: readers get it too
             self.connection.execute("PRAGMA synchronous=FULL")
             with self.connection:
@@ -146,6 +154,52 @@ class ResultsStore:
         return {status: found.get(status, 0) for status in STATUSES}
 
 
+class NotAStore(UserError):
+    """A results.sqlite that rnp-fast did not create: never opened for writing."""
+
+
+def check_database(path: Path) -> None:
+    """``path`` must be missing or a results store rnp-fast created: its application id says so, or
+    (a store from before ids were written) its one table is ``jobs`` with our columns. Inspected
+    read-only and immutable (no journal, lock or -shm file is created beside the user's file)."""
+    if not os.path.lexists(path):
+        return
+    why = database_mismatch(path)
+    if why is not None:
+        raise NotAStore(
+            f"{path} is not an rnp-fast results store ({why}); rnp-fast never writes to it: give a sweep's "
+            "--store folder (a new folder for a new sweep)"
+        )
+
+
+def database_mismatch(path: Path) -> str | None:
+    """Why ``path`` is not one of our stores (None: it is)."""
+    if path.is_symlink() or not path.is_file():
+        return "not a plain file"
+    # immutable: the file is read as it lies on disk; no lock, journal or -shm is touched or made. Our
+    # stores write their id before switching to WAL, so it is in the main file from the start.
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+        try:
+            if connection.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID:
+                return None
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(jobs)")}
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as error:
+        return f"not an SQLite database: {error}"
+    if tables != {"jobs"} or not (COLUMNS - set(LATER_COLUMNS) <= columns <= COLUMNS):
+        shown = ", ".join(sorted(tables)[:4]) or "none"
+        return f"another application's database: tables {shown}"
+    return None
+
+
+def is_old_store(directory: Path) -> bool:
+    """An unmarked folder holding a results store of ours (made before stores were marked)."""
+    return (directory / DATABASE).is_file() and database_mismatch(directory / DATABASE) is None
+
+
 def add_later_columns(connection: sqlite3.Connection) -> None:
     present = {row[1] for row in connection.execute("PRAGMA table_info(jobs)")}
     for name, kind in LATER_COLUMNS.items():
@@ -171,6 +225,7 @@ def open_existing(store: str | Path) -> ResultsStore:
     directory = path.parent if path.name == DATABASE else path
     if not (directory / DATABASE).is_file():
         raise UserError(f"{store}: no sweep results here (expected {directory / DATABASE})")
+    check_database(directory / DATABASE)
     try:
         store = ResultsStore(directory, read_only=True)
         store.counts()  # reads the table: fails here, not later, on a file that is not a store

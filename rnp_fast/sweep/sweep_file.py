@@ -30,7 +30,8 @@ class NoAliasLoader(yaml.SafeLoader):
     anything walking the value (a type check, an error message) would never finish. A sweep file
     writes its values out instead; every node of the document is then a byte of the file. Nesting
     is bounded too, as the scanner reads it: PyYAML's time grows with the square of the depth of
-    ``[[[...`` (100,000 deep: minutes), and its composer recurses once per level."""
+    ``[[[...`` (100,000 deep: minutes), and its composer recurses once per level. A mapping that
+    gives a key twice is refused too, naming the key and both lines."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -39,6 +40,22 @@ class NoAliasLoader(yaml.SafeLoader):
                 None, None, f"aliases (*{event.anchor}) are not allowed: write the values out", event.start_mark
             )
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is refused (YAML would keep the last one silently)."""
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = key in first_line
+            except TypeError:
+                continue  # an unhashable key: SafeLoader's own error follows
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given at line {first_line[key]})", key_node.start_mark
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
     def fetch_flow_collection_start(self, TokenClass):
         if self.flow_level >= MAX_DEPTH:
