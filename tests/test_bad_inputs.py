@@ -75,7 +75,10 @@ CASES = {
     "defend: negative learning rate": (defend("{model}", "--unlearning-lr", "-1"), "--unlearning-lr must be > 0"),
     "defend: threshold outside [0, 1]": (defend("{model}", "--threshold", "2"), "--threshold must be in [0, 1]"),
     "defend: ratio <= 0": (defend("{model}", "--ratio", "0"), "--ratio must be in (0, 1]"),
-    "defend: zero epochs": (defend("{model}", "--recovering-epochs", "0"), "--recovering-epochs must be in 1..10,000, got 0"),
+    "defend: zero epochs": (
+        defend("{model}", "--recovering-epochs", "0"),
+        "--recovering-epochs must be in 1..10,000, got 0",
+    ),
     "defend: negative schedule milestone": (
         defend("{model}", "--schedule", "20", "-3"),
         "--schedule milestones must be >= 0, got [20, -3]",
@@ -112,7 +115,10 @@ CASES = {
     "sweep: wrong type": (["sweep", "{root}/wrong_type.yaml", "--store", "{out}"], "rnp.alpha"),
     "sweep: missing file": (["sweep", "{root}/none.yaml", "--store", "{out}"], "none.yaml"),
     "report: not a sweep store": (["report", "{root}/empty_folder", "--out", "{out}"], "empty_folder"),
-    "bench: zero repeats": (["bench", "--repeats", "0", "--out", "{out}.json"], "--repeats must be in 1..10,000, got 0"),
+    "bench: zero repeats": (
+        ["bench", "--repeats", "0", "--out", "{out}.json"],
+        "--repeats must be in 1..10,000, got 0",
+    ),
     "demo: output path is a file": (["demo", "--out", "{root}/a_file", "--device", "cpu"], "not a directory"),
     "demo: a GPU where there is none": (["demo", "--out", "{out}", "--device", "cuda"], "CUDA is not available"),
 }
