@@ -59,10 +59,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip=(), only=None) -
         if f.name in REQUIRED:
             options.update(required=True, default=MISSING, help=f.metadata.get("help", ""))
             options.pop("default")
+        names = [f"--{flag(f.name)}", *f.metadata.get("aliases", ())]
         if f.type in ("bool", "bool | None"):  # None: decided later (e.g. by the device)
-            group.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, **options)
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **options)
         else:
-            group.add_argument(f"--{flag(f.name)}", **options, **TYPE_OPTIONS[f.type])
+            group.add_argument(*names, **options, **TYPE_OPTIONS[f.type])
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -134,6 +135,13 @@ def add_repeat_flags(parser, first_seed: str = "--seed, --seed + 1, ...") -> Non
         "augmentation) or order (the same images as one defense, only their order and augmentation) "
         "(default: data)",
     )
+    group.add_argument(
+        "--jobs-per-device",
+        type=int,
+        help="seeds defended at once, each in a worker process with one torch thread (default: on a CPU one "
+        "per core available to this process, fewer if memory is short; on a GPU 1); 1: one after another "
+        "in this process, with its torch threads",
+    )
     group.add_argument("--success-asr", type=float, default=0.1, help="a success's largest ASR (default: 0.1)")
     group.add_argument(
         "--success-clean-drop",
@@ -151,8 +159,11 @@ def repeated(job, args) -> dict | None:
 
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.jobs_per_device is not None and args.jobs_per_device < 1:
+        raise UserError(f"--jobs-per-device must be >= 1, got {args.jobs_per_device}")
     seeds = list(range(job.data.seed, job.data.seed + args.repeats))
-    result = run_repeats(job, seeds, Goal(args.success_asr, args.success_clean_drop), args.repeat_over)
+    goal = Goal(args.success_asr, args.success_clean_drop)
+    result = run_repeats(job, seeds, goal, args.repeat_over, args.jobs_per_device)
     if job.engine.quiet:  # else the run's log has just shown both on the terminal
         print(format_seed_table(result), file=sys.stderr)
         print(headline(result), file=sys.stderr)

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field, fields
 from rnp_fast.errors import UserError
 
 
-def doc(text: str, identity: bool = True, seed: bool = False, **kwargs):
-    """A dataclass field whose help text the CLI shows (see the module docstring for the flags)."""
-    metadata = {"help": text, "identity": identity, "seed": seed}
+def doc(text: str, identity: bool = True, seed: bool = False, aliases: tuple[str, ...] = (), **kwargs):
+    """A dataclass field whose help text the CLI shows (see the module docstring for the flags);
+    ``aliases``: older names of its flag that still work."""
+    metadata = {"help": text, "identity": identity, "seed": seed, "aliases": aliases}
     return field(metadata=metadata, **kwargs)
 
 
@@ -309,7 +310,12 @@ class SweepRunConfig:
     backend: str = doc("where jobs run: local or ray", default="local")
     address: str | None = doc("Ray cluster address (default: RAY_ADDRESS, else a new local Ray)", default=None)
     gpus: int | None = doc("GPUs to use, one worker each (default: all visible; 0 = CPU)", default=None)
-    jobs_per_gpu: int = doc("jobs sharing one GPU (without a GPU: jobs sharing the CPU)", default=1)
+    jobs_per_device: int | None = doc(
+        "jobs at once on each GPU (default 1), or on the CPU without one (default: one per core available "
+        "to this process, fewer if memory is short); each job uses one torch thread",
+        default=None,
+        aliases=("--jobs-per-gpu",),
+    )
     retry_failed: bool = doc("run failed jobs again", default=False)
     max_retries: int = doc("Ray's retries of a task whose worker died", default=3)
     max_jobs: int = doc("refuse sweeps with more jobs (counted from the axes before expanding them)", default=10_000)
@@ -323,7 +329,10 @@ class SweepRunConfig:
             "--gpus is for --backend local (Ray tasks use the cluster's GPUs)",
         )
         require(self.gpus is None or self.gpus >= 0, f"--gpus must be >= 0, got {self.gpus}")
-        require(self.jobs_per_gpu >= 1, f"--jobs-per-gpu must be >= 1, got {self.jobs_per_gpu}")
+        require(
+            self.jobs_per_device is None or self.jobs_per_device >= 1,
+            f"--jobs-per-device must be >= 1, got {self.jobs_per_device}",
+        )
         require(self.max_retries >= 0, f"--max-retries must be >= 0, got {self.max_retries}")
         require(self.max_jobs >= 1, f"--max-jobs must be >= 1, got {self.max_jobs}")
 
