@@ -1,6 +1,6 @@
-"""Defenses per hour on this machine: one job at a time against the default (one per core).
+"""Many defenses on one CPU: one job at a time against the default (one per core), and why.
 
-Two workloads, each run as users run it, in a fresh process per run:
+Two workloads run as users run them, in a fresh process per run:
 
 - sweep: the README's digits sweep cut to 4 jobs (BadNets and Blend x seeds 0 and 1; ResNet-18 at
   width 0.125 trained 20 epochs, then defended), ``rnp-fast sweep`` with ``--jobs-per-device 1``
@@ -9,12 +9,20 @@ Two workloads, each run as users run it, in a fresh process per run:
   in one process, with its torch threads) against its default (one single-threaded worker per core).
 
 The modes alternate run by run (drift hits both alike); the first run of each is the warm-up
-(page cache, first imports), reported apart; medians over the rest. Saved with the machine's
-core count (affinity included), memory, CPU, versions and the command, and for each run its
-first log line (how many ran at once, and why):
+(page cache, first imports), reported apart; medians over the rest. For each run its first log
+line (how many ran at once, and why). Two more, in this process, say why the default is what it is:
+
+- step_rate: the demo's unlearning step (batch 32) as a fraction of this CPU's fp32 matrix-product
+  rate (2048^3), with one thread and with every core available: how much a job's own threads leave;
+- fused: one unlearning and one recovering step of K = 1, 2, 4, 8, 16 demo models, one at a time
+  against fused into one network (`rnp_fast.models.fused`), one thread: the other way to run many
+  defenses at once, with the fused models' largest difference from the separate ones after the
+  timed steps.
+
+Saved with the machine's core count (affinity included), memory, CPU, versions and the command:
 
     python benchmarks/bench_parallel.py --out benchmarks/results/parallel_digits_cpu.json
-    python benchmarks/bench_parallel.py --dry-run --repeats 1 --out /tmp/parallel.json   # minutes
+    python benchmarks/bench_parallel.py --dry-run --repeats 1 --out /tmp/parallel.json   # minutes, no figures
 """
 
 from __future__ import annotations
@@ -104,7 +112,7 @@ def timed(command: list[str]) -> tuple[float, dict | None]:
         return seconds, None
 
 
-WORKLOADS = {"sweep": sweep_run, "repeats": repeats_run}
+RUNS = {"sweep": sweep_run, "repeats": repeats_run}
 
 
 def measure(workload: str, workdir: Path, repeats: int, dry_run: bool) -> dict:
@@ -114,7 +122,7 @@ def measure(workload: str, workdir: Path, repeats: int, dry_run: bool) -> dict:
     for number in range(1 + repeats):
         for mode in MODES:
             print(f"{workload}: {mode}, run {number + 1} of {1 + repeats}", file=sys.stderr)
-            runs[mode].append(WORKLOADS[workload](workdir, mode, number, dry_run))
+            runs[mode].append(RUNS[workload](workdir, mode, number, dry_run))
     result = {"runs": runs}
     for mode, mode_runs in runs.items():
         timing = harness.timing([run["seconds"] for run in mode_runs], warmup=1)
@@ -123,6 +131,87 @@ def measure(workload: str, workdir: Path, repeats: int, dry_run: bool) -> dict:
     medians = {mode: result[mode]["median_s"] for mode in MODES}
     result["one_at_a_time_over_default"] = harness.ratios(medians, "default").get("one_at_a_time_over_default")
     return result
+
+
+def step_rate(dry_run: bool) -> dict:
+    """Per thread count (1, and every core available): the demo's unlearning step's FLOP rate
+    (torch.utils.flop_counter: forward and backward) over a square fp32 matrix product's."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rnp_fast.learning import build_stage, unlearn_recipe
+
+    job, run = harness.demo_run(device="cpu")
+    images = torch.randn(32, *run.source.image_shape)
+    labels = torch.randint(0, 10, (32,))
+    n = 256 if dry_run else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    threads_before, result = torch.get_num_threads(), {"matmul_n": n, "batch": 32}
+    try:
+        for threads in sorted({1, available_cores()}):
+            torch.set_num_threads(threads)
+            step = build_stage(unlearn_recipe(job.rnp), run.new_model(), run.engine, 32).step
+            with FlopCounterMode(display=False) as counter:
+                step(images, labels)
+            flops = counter.get_total_flops()
+            step_s = harness.median_seconds(lambda s=step: s(images, labels), 3 if dry_run else 20, warmup=2)
+            matmul_s = harness.median_seconds(lambda: a @ b, 3 if dry_run else 10, warmup=2)
+            rates = {"step_gflops": flops / step_s / 1e9, "matmul_gflops": 2 * n**3 / matmul_s / 1e9}
+            result[f"threads_{threads}"] = {
+                "step_flops": flops,
+                "step_ms": step_s * 1e3,
+                **rates,
+                "fraction_of_matmul_rate": rates["step_gflops"] / rates["matmul_gflops"],
+            }
+    finally:
+        torch.set_num_threads(threads_before)
+    return result
+
+
+def fused(dry_run: bool) -> dict:
+    """K demo models' steps one at a time and fused, one thread (as a job runs), K = 1..16."""
+    import torch
+
+    threads_before, result = torch.get_num_threads(), {"width": 0.25, "batch": 32, "threads": 1}
+    torch.set_num_threads(1)
+    try:
+        for stage in ("unlearn", "recover"):
+            result[stage] = {}
+            for k in (1, 2) if dry_run else (1, 2, 4, 8, 16):
+                print(f"fused: {stage} K={k}", file=sys.stderr)
+                result[stage][f"k{k}"] = fused_case(stage, k, *((1, 1) if dry_run else (5, 2)))
+    finally:
+        torch.set_num_threads(threads_before)
+    return result
+
+
+def fused_case(stage: str, k: int, rounds: int, warmup: int) -> dict:
+    import torch
+
+    from rnp_fast.engine import EngineSettings
+    from rnp_fast.models.fused import step_array
+
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randn(32, 3, 32, 32, generator=generator) for _ in range(k)]
+    labels = [torch.randint(0, 10, (32,), generator=generator) for _ in range(k)]
+    array = step_array(stage, k, "resnet18", 0.25, EngineSettings(), 32, "cpu")
+    one = harness.measure(lambda: array.step_separately(images, labels), rounds, warmup=warmup)
+    together = harness.measure(lambda: array.step_fused(images, labels), rounds, warmup=warmup)
+    return {
+        "one_at_a_time": one,
+        "fused": together,
+        "fused_speedup": one["median_s"] / together["median_s"],
+        "steps": rounds + warmup,
+        "max_abs_difference_after_the_steps": array.differences(),
+    }
+
+
+WORKLOADS = {
+    "sweep": lambda workdir, args: measure("sweep", workdir, args.repeats, args.dry_run),
+    "repeats": lambda workdir, args: measure("repeats", workdir, args.repeats, args.dry_run),
+    "step_rate": lambda workdir, args: step_rate(args.dry_run),
+    "fused": lambda workdir, args: fused(args.dry_run),
+}
 
 
 def main() -> None:
@@ -142,7 +231,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="rnp-bench-parallel-") as tmp:
         for workload in workloads:
-            report[workload] = measure(workload, Path(tmp), args.repeats, args.dry_run)
+            report[workload] = WORKLOADS[workload](Path(tmp), args)
     harness.write_result(report, args.out, "cpu", echo=not args.out)
 
 
