@@ -34,7 +34,8 @@ test-all:  ## everything, slow tests included (torch.compile on CPU, Ray, long s
 	$(PYTHON) -m pytest -q --benchmark-disable benchmarks/micro
 
 bench-micro:  ## time the phases' variants (pytest-benchmark; compiled rows too): a group per phase, JSON with the machine in $(MICRO_JSON)
-	$(PYTHON) -m pytest -q -m "not ray" --benchmark-only --benchmark-group-by=group --benchmark-json=$(MICRO_JSON) benchmarks/micro
+	$(PYTHON) -m pytest -q -m "not ray" --benchmark-only --benchmark-warmup=on --benchmark-group-by=group \
+		--benchmark-json=$(MICRO_JSON) benchmarks/micro
 
 lint:
 	$(PYTHON) -m ruff check rnp_fast loaders kernels tests benchmarks setup.py

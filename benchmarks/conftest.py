@@ -8,6 +8,7 @@ This folder's scripts (bench_scoring, ...) import as modules here, as they do wh
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -22,3 +23,22 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     machine_info["rnp_fast"] = provenance(device)
+
+
+@pytest.fixture
+def synced():
+    """synced(function): ``function`` followed by a device synchronisation, so that a timed call
+    includes the GPU's work (CUDA calls return before it is done; pytest-benchmark does not wait)."""
+    from rnp_fast.harness import synchronize
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def wrap(function):
+        def call(*args):
+            result = function(*args)
+            synchronize(device)
+            return result
+
+        return call
+
+    return wrap

@@ -10,10 +10,11 @@ quota (containers) both count.
 Memory caps it: every job is a process of its own, with its own copy of the data and the model,
 so the jobs must fit in the memory available (``MemAvailable`` of /proc/meminfo, or what the
 cgroup's limit leaves, whichever is smaller). A job's need is an estimate (`job_memory`),
-calibrated on the demo defense (measured peak 0.72 GiB, estimated 0.85 GiB): a process with
-torch and the data libraries imported, the data set, copies of the model with gradients and
-momentum, and the largest batch of activations the job holds (a training batch kept for the
-backward pass, or a batch of scoring candidates on a CPU). When fewer jobs fit than were asked
+on the high side of what was measured (a demo defense's worker peaked at 0.72 GiB, estimated
+0.84; training a CIFAR ResNet-18 at batch 128 at 1.66 GiB, estimated 2.6 with its defense): a
+process with torch and the data libraries imported, the data set, copies of the model with
+gradients and momentum, and the largest batch of activations the job holds (a training batch
+kept for the backward pass, or a batch of scoring candidates on a CPU). When fewer jobs fit than were asked
 for, fewer run, and the decision says so; when not even one fits, one runs (the estimate is
 conservative; refusing would make a job impossible that may well fit).
 """
@@ -27,9 +28,9 @@ from pathlib import Path
 
 GIB = 2**30
 PROCESS_BYTES = 450 * 2**20  # a worker with torch, rnp_fast, scikit-learn and matplotlib imported
-DATA_COPIES = 4  # uint8 source, poisoned test copies, the defense subset, its float batches
+DATA_COPIES = 2  # the uint8 source, and the poisoned test copies, defense subset and batches made from it
 MODEL_COPIES = 12  # backdoored, unlearned, masked, purified; gradients and momentum (fp32)
-SAVED_PER_TRAIN_IMAGE = 3  # activations kept for the backward pass, and their gradients
+SAVED_PER_TRAIN_IMAGE = 2  # activations kept for the backward pass, and their gradients
 CPU_SCORING_ROWS = 4  # candidate-images per scoring forward on a CPU, per evaluation image
 CPU_EVAL_BATCH = 64  # the engine's evaluation batch on a CPU (resolved.eval_batch)
 # Images (train + test) of the datasets whose size is known without reading them.
@@ -102,9 +103,11 @@ def cgroup_memory_left(root: Path = Path("/sys/fs/cgroup")) -> int | None:
 def job_memory(model, data, device: str = "cpu") -> int:
     """Estimated peak bytes of one job's process defending (or training) ``model`` on ``data``,
     on ``device`` (on a GPU the activations are not in host memory)."""
+    from rnp_fast.loaders.sources import NATIVE_SIZE
+
     per_image, parameters = model_size(model)
     images = dataset_images(data)
-    channels, side = 3, data.image_size or 32
+    channels, side = 3, data.image_size or NATIVE_SIZE.get(data.dataset, 32)
     data_bytes = DATA_COPIES * images * channels * side * side
     model_bytes = MODEL_COPIES * parameters * 4
     activations = 0

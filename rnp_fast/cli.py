@@ -163,7 +163,7 @@ def repeated(job, args) -> dict | None:
         raise UserError(f"--jobs-per-device must be >= 1, got {args.jobs_per_device}")
     seeds = list(range(job.data.seed, job.data.seed + args.repeats))
     goal = Goal(args.success_asr, args.success_clean_drop)
-    result = run_repeats(job, seeds, goal, args.repeat_over, args.jobs_per_device)
+    result = run_repeats(job, seeds, goal, args.repeat_over, args.jobs_per_device)  # None: one per core
     if job.engine.quiet:  # else the run's log has just shown both on the terminal
         print(format_seed_table(result), file=sys.stderr)
         print(headline(result), file=sys.stderr)

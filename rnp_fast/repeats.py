@@ -333,11 +333,13 @@ def seed_processes(job, seeds: list[int], requested: int | None):
 
 
 def run_repeats(
-    job, seeds: list[int], goal: Goal = Goal(), over: str = "data", jobs_per_device: int | None = None
+    job, seeds: list[int], goal: Goal = Goal(), over: str = "data", jobs_per_device: int | None = 1
 ) -> dict:
     """The defense on every seed of ``seeds``; writes summary.json, seeds.csv, tradeoff.png and
     output.log into ``job.out`` (one run directory, never over a folder rnp-fast did not make).
-    ``jobs_per_device``: seeds at once (default: `seed_processes`)."""
+    ``jobs_per_device``: seeds at once; None: the CLI's default (`seed_processes`: one worker per
+    core on a CPU). From Python the default is 1 (this process): workers are spawned processes,
+    which re-run the calling script unless its work sits under ``if __name__ == "__main__":``."""
     from rnp_fast.defense import resolved_config
     from rnp_fast.errors import UserError
     from rnp_fast.outputs import DEFENSE_RUN, RunDirectory, vet_output

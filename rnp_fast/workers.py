@@ -4,7 +4,9 @@ repeated defense's seeds run in them (`sweep.backends`, `repeats`).
 A slot is the device its worker uses (``cpu``, ``cuda:1``): each worker claims one when it
 starts and keeps it (`slot`), so consecutive slots can sit on different GPUs. Workers are started
 with ``spawn``, not ``fork``: forking a process that has started torch's threads (or CUDA) is
-unsafe. They live as long as the pool, so what a job loads or compiles stays warm for the next.
+unsafe (and a spawned worker imports the caller's main script: from Python, its work must sit
+under ``if __name__ == "__main__":``). They live as long as the pool, so what a job loads or
+compiles stays warm for the next.
 
 Workers never outlive their driver: on Linux each asks the kernel to kill it when the driver
 dies (``PR_SET_PDEATHSIG``), so a driver killed with SIGKILL leaves no worker writing into its
@@ -123,5 +125,6 @@ def worker_result(pending: dict):
         return future.result()
     except BrokenProcessPool as error:
         raise WorkerDied(
-            f"a worker process died ({error}); if it ran out of memory, run fewer at once (--jobs-per-device)"
+            f"a worker process died ({error}); if it ran out of memory, run fewer at once (--jobs-per-device); "
+            'from Python, the calling script must run its work under `if __name__ == "__main__":`'
         ) from None

@@ -113,7 +113,7 @@ VARIANTS = [
 
 @pytest.mark.parametrize("pass_", list(PASSES))
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_masked_batch_norm(benchmark, variant, pass_):
+def test_masked_batch_norm(benchmark, synced, variant, pass_):
     if variant == "triton" and not triton_available():
         pytest.skip("Triton is not installed")
     benchmark.group = PASSES[pass_]
@@ -127,7 +127,7 @@ def test_masked_batch_norm(benchmark, variant, pass_):
     else:
         fn = pass_fn(variant, pass_, inputs)
         run = (lambda: list(fn())) if pass_ == "fwd+bwd" else (lambda: [fn()])
-    got = benchmark(run)
+    got = benchmark(synced(run))
     for value, reference in zip(got, want, strict=True):
         assert torch.allclose(value.float(), reference.float(), atol=TOLERANCE, rtol=TOLERANCE)
 

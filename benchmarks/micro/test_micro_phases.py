@@ -10,9 +10,10 @@
 - one step of K = 4 models (unlearning and recovering) one after another vs as one fused array
   (the demo's width and batch on CUDA; width 0.125 and batch 16 on the CPU).
 
-Each row also checks its result: batched and sequential scoring agree exactly, the reference's
-within one image per metric; the compiled step lands where the eager one does; both loaders give
-the same batches; the fused step equals the separate ones (tests/test_fused_models.py's tolerance).
+Each row also checks its result: batched and sequential scoring agree exactly on the CPU, the
+reference's (and CUDA's) within 1 % and one image per metric; the compiled step lands where the
+eager one does; both loaders give the same batches; the fused step equals the separate ones
+(within 1e-4).
 """
 
 import pytest
@@ -54,21 +55,22 @@ def scored(demo):
 
 
 @pytest.mark.parametrize("provider", ["batched", "sequential", "reference"])
-def test_scoring(benchmark, demo, scored, provider):
+def test_scoring(benchmark, synced, demo, scored, provider):
     _, run, model = demo
     benchmark.group = "scoring the pruning candidates"
     steps = threshold_steps(random_masks(model))[:THRESHOLDS]
-    scored[provider] = benchmark(scorer(model, steps, run, provider))
+    scored[provider] = benchmark(synced(scorer(model, steps, run, provider)))
     assert len(scored[provider]) == len(steps)
     batched = scored.get("batched")
     if batched is None or provider == "batched":
         return
-    if provider == "sequential":
-        assert scored[provider] == batched  # bit for bit: the same arithmetic, folded or not
+    if provider == "sequential" and not CUDA:
+        assert scored[provider] == batched  # bit for bit on the CPU: the same arithmetic, folded or not
         return
-    per_image = 1 / len(run.tests.poisoned.labels)
+    # the reference's own way (fp32, NCHW, one threshold at a time), or CUDA's kernels per batch shape
+    close = 0.01 + 1 / len(run.tests.poisoned.labels)
     for mine, theirs in zip(scored[provider], batched, strict=True):
-        assert abs(mine.asr - theirs.asr) <= per_image + 1e-9 and abs(mine.clean_acc - theirs.clean_acc) <= 0.01
+        assert abs(mine.asr - theirs.asr) <= close and abs(mine.clean_acc - theirs.clean_acc) <= close
 
 
 def unlearn_step(demo, engine: EngineSettings):
@@ -87,7 +89,7 @@ def unlearn_step(demo, engine: EngineSettings):
 @pytest.mark.parametrize(
     "compiled", [pytest.param(False, id="eager"), pytest.param(True, id="compiled", marks=slow_on_cpu)]
 )
-def test_learning_step(benchmark, demo, compiled):
+def test_learning_step(benchmark, synced, demo, compiled):
     benchmark.group = "a learning step (unlearning, demo model)"
     model, step, (x, y) = unlearn_step(demo, EngineSettings(compile=compiled))
     eager_model, eager_step, _ = unlearn_step(demo, EngineSettings())
@@ -95,12 +97,12 @@ def test_learning_step(benchmark, demo, compiled):
     eager_step(x, y)
     for mine, theirs in zip(model.parameters(), eager_model.parameters(), strict=True):
         assert torch.allclose(mine, theirs, atol=1e-4)
-    loss, correct = benchmark(step, x, y)
+    loss, correct = benchmark(synced(step), x, y)
     assert torch.isfinite(loss) and 0 <= correct.item() <= len(y)
 
 
 @pytest.mark.parametrize("loader", ["device", "dataloader"])
-def test_loader_epoch(benchmark, demo, loader):
+def test_loader_epoch(benchmark, synced, demo, loader):
     job, run, _ = demo
     benchmark.group = "an epoch of defense images (augmented)"
     images = defense_data(run.source, job.data).train
@@ -113,7 +115,7 @@ def test_loader_epoch(benchmark, demo, loader):
         made.set_epoch(1)
         return [(x.to(run.device), y.to(run.device)) for x, y in made]
 
-    batches = benchmark(epoch)
+    batches = benchmark(synced(epoch))
     other = (ReferenceLoader if loader == "device" else DeviceLoader)(images, *settings, **options)
     other.set_epoch(1)
     for (x, y), (ox, oy) in zip(batches, other, strict=True):  # the same seeded order and augmentation
@@ -122,7 +124,7 @@ def test_loader_epoch(benchmark, demo, loader):
 
 @pytest.mark.parametrize("stage", ["unlearn", "recover"])
 @pytest.mark.parametrize("way", ["one-at-a-time", "fused"])
-def test_fused_array_step(benchmark, stage, way):
+def test_fused_array_step(benchmark, synced, stage, way):
     """Four ResNet-18s, each its own batch; the first step of each array is checked against the
     other way (a second array, from the same start), then the steps are timed."""
     benchmark.group = f"one {stage} step of 4 models"
@@ -133,4 +135,4 @@ def test_fused_array_step(benchmark, stage, way):
     array.step_separately(images, labels)
     array.step_fused(images, labels)
     assert all(value <= 1e-4 for value in array.differences().values())
-    benchmark(array.step_fused if way == "fused" else array.step_separately, images, labels)
+    benchmark(synced(array.step_fused if way == "fused" else array.step_separately), images, labels)
