@@ -11,13 +11,8 @@ The two steps are timed in turn, round after round, so drifting clocks or temper
 alike; medians after --warmup rounds (compilation, capture, cuDNN autotuning) go to the table
 (``kernels/auto_table.json``, or --table) with their winner, the device, versions and date.
 
-``--micro`` (the default on CUDA) times the operator alone against PyTorch eager (the reference)
-and torch.compile'd PyTorch, forward and forward + backward, at the input shape of every masked
-BatchNorm of the same model (CIFAR ResNet-18 at batch 128: (64, 32, 32), (128, 16, 16), (256, 8,
-8), (512, 4, 4)), in bf16 and fp32: the recover setting, i.e. training mode (batch statistics,
-running statistics updated), fp32 parameters and statistics, gradients for x and the mask only.
-GB/s counts the activations' minimal DRAM traffic, the same for every provider: the forward reads
-x and writes y (2 tensors), forward + backward also reads dy and x and writes dx (5 in all).
+The operator alone (against PyTorch eager and compiled, forward and forward + backward) is a
+micro-benchmark: `make bench-micro` (benchmarks/micro/test_micro_masked_bn.py).
 
 On the CPU the operator is its PyTorch implementation: the code path is the same (the tests run
 it), the numbers mean nothing, so a CPU run never writes the package's table. Examples:
@@ -39,26 +34,15 @@ import torch
 from rnp_fast import harness
 from rnp_fast.config import RNPConfig
 from rnp_fast.device import describe_device, resolve_device
-from rnp_fast.engine import (
-    AMP_DTYPES,
-    EngineSettings,
-    configure_backends,
-    raise_recompile_limit,
-    use_persistent_cache,
-)
+from rnp_fast.engine import AMP_DTYPES, EngineSettings, configure_backends, use_persistent_cache
 from rnp_fast.errors import UserError
-from rnp_fast.kernels import auto_table, masked_batch_norm_reference, triton_available
+from rnp_fast.kernels import auto_table, triton_available
 from rnp_fast.learning import build_stage, recover_recipe
-from rnp_fast.masked_batchnorm import MaskedBatchNorm2d, masked_batchnorm_layers
+from rnp_fast.masked_batchnorm import MaskedBatchNorm2d
 from rnp_fast.models import ARCHITECTURES, build_model
 from rnp_fast.provenance import provenance
 
 KERNELS = {"torch": "torch", "fused": "triton"}  # the table's name -> choose_bn_kernels' kernel
-PROVIDERS = ("eager", "compiled", "fused")
-PASSES = ("fwd", "fwd+bwd")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-TENSORS_MOVED = {"fwd": 2, "fwd+bwd": 5}  # activation-sized reads + writes (see above)
-MOMENTUM, EPS = 0.1, 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,93 +103,6 @@ def write_auto_table(args, device: torch.device) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The operator alone: micro-benchmark
-# ----------------------------------------------------------------------------------------------
-
-
-def bn_shapes(args, device: torch.device) -> list[tuple[int, ...]]:
-    """The input shape of every masked BatchNorm of the model at each --batch, each shape once."""
-    model = build_model(args.arch, args.num_classes, args.width, MaskedBatchNorm2d).to(device).eval()
-    shapes: list[tuple[int, ...]] = []
-    hooks = [
-        layer.register_forward_pre_hook(lambda _, inputs: shapes.append(tuple(inputs[0].shape)))
-        for _, layer in masked_batchnorm_layers(model)
-    ]
-    with torch.no_grad():
-        for batch in args.batch:
-            model(torch.zeros(batch, 3, args.image_size, args.image_size, device=device))
-    for hook in hooks:
-        hook.remove()
-    return list(dict.fromkeys(shapes))
-
-
-def make_inputs(shape, dtype: torch.dtype, channels_last: bool, device: torch.device) -> dict[str, torch.Tensor]:
-    """x and dy in ``dtype``; fp32 gamma and beta (frozen), mask in [0, 1] and running statistics."""
-    g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(shape, generator=g, device=device, dtype=dtype)
-    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    c, vec = shape[1], {"generator": g, "device": device}
-    return {
-        "x": x.requires_grad_(True),
-        "weight": torch.randn(c, **vec),
-        "bias": torch.randn(c, **vec),
-        "mask": torch.rand(c, **vec).requires_grad_(True),
-        "running_mean": torch.zeros(c, device=device),
-        "running_var": torch.ones(c, device=device),
-        "dy": torch.randn_like(x).detach(),
-    }
-
-
-@functools.cache
-def provider_fn(provider: str):
-    """The masked BatchNorm of ``provider`` (one compiled reference per process: each shape compiles once)."""
-    if provider == "eager":
-        return masked_batch_norm_reference
-    if provider == "compiled":
-        raise_recompile_limit()  # a static-shape version per shape, dtype and pass
-        return torch.compile(masked_batch_norm_reference, fullgraph=True, dynamic=False)
-    from rnp_fast.kernels.ops import masked_batch_norm
-
-    return masked_batch_norm
-
-
-def pass_fn(provider: str, pass_: str, inputs: dict[str, torch.Tensor]):
-    """The timed work: the forward, or the forward and the gradients of x and the mask."""
-    fn = provider_fn(provider)
-    names = ("x", "weight", "bias", "mask", "running_mean", "running_var")
-
-    def forward():
-        return fn(*(inputs[name] for name in names), True, MOMENTUM, EPS)
-
-    if pass_ == "fwd":
-        return forward
-    return lambda: torch.autograd.grad(forward(), (inputs["x"], inputs["mask"]), inputs["dy"])
-
-
-def micro_benchmark(args, device: torch.device) -> list[dict]:
-    """Per BatchNorm shape, dtype and pass: a row per provider, then the ratios to eager."""
-    rows = []
-    for shape, dtype, pass_ in itertools.product(bn_shapes(args, device), args.dtypes, args.passes):
-        inputs = make_inputs(shape, DTYPES[dtype], args.channels_last, device)
-        case = {"shape": list(shape), "dtype": dtype, "pass": pass_}
-        medians = {}
-        for provider in args.providers:
-            row = micro_case(args, device, inputs, pass_, provider)
-            rows.append({**case, **row})
-            medians[provider] = row["median_ms"]
-            print(f"{'x'.join(map(str, shape))} {dtype} {pass_:7s} {provider:8s} {row['median_ms']:.4f} ms")
-        rows.append({**case, **harness.ratios(medians, "eager")})
-    return rows
-
-
-def micro_case(args, device: torch.device, inputs: dict[str, torch.Tensor], pass_: str, provider: str) -> dict:
-    timing = harness.measure(pass_fn(provider, pass_, inputs), args.repeats, device, args.warmup)
-    moved = TENSORS_MOVED[pass_] * inputs["x"].numel() * inputs["x"].element_size()
-    gbps = moved / timing["median_s"] / 1e9
-    return {"provider": provider, **timing, "median_ms": timing["median_s"] * 1e3, "gb_per_s": gbps}
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
@@ -224,10 +121,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true", help="replay the recover steps as CUDA graphs")
     p.add_argument("--write-auto-table", action="store_true", help="time the recover steps, write the table")
     p.add_argument("--table", type=Path, default=auto_table.TABLE, help="the table to write (default: %(default)s)")
-    p.add_argument("--micro", action=argparse.BooleanOptionalAction, help="the operator alone (default: on CUDA)")
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     return p.parse_args(argv)
 
 
@@ -237,9 +130,8 @@ def settle(args: argparse.Namespace) -> torch.device:
     cuda = device.type == "cuda"
     args.amp = args.amp or (["bf16"] if cuda else ["off"])  # the engine's defaults
     args.channels_last = cuda if args.channels_last is None else args.channels_last
-    args.micro = cuda if args.micro is None else args.micro
-    if not (args.micro or args.write_auto_table):
-        raise UserError("nothing to measure: pass --write-auto-table or --micro")
+    if not args.write_auto_table:
+        raise UserError("nothing to measure: pass --write-auto-table (the operator alone: make bench-micro)")
     if args.cuda_graphs and not cuda:
         raise UserError("--cuda-graphs needs a CUDA device")
     if cuda and not triton_available():
@@ -263,10 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.compile:
         use_persistent_cache()
     result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    if args.micro:
-        result["micro"] = micro_benchmark(args, device)
-    if args.write_auto_table:
-        result["recover_steps"] = write_auto_table(args, device)
+    result["recover_steps"] = write_auto_table(args, device)
     harness.write_result(result, args.out, device)
 
 

@@ -21,6 +21,10 @@ Sections, in the order they run (``--sections`` picks some). The first five are 
 8. throughput: defenses per hour, several in one process (compiled steps reused).
 9. science: a full-width ResNet-18 trained with BadNets on the digits set, defended with 5 seeds,
    and the fast-vs-reference fidelity check (benchmarks/bench_fidelity.py).
+10. fused (optional, in whatever time is left): one unlearning and one recovering step of K =
+   1, 2, 4, 8, 16 models (the CIFAR ResNet-18, then the demo's) as K sequential steps against one
+   step of the K models fused into grouped convolutions (`rnp_fast.models.fused`), each model its
+   own batch; and the fused step checked against the separate models' (fp32, within 1e-4).
 
 Time (`rnp_fast.harness.budget`): ``--budget-s`` counts from ``$RNP_PROBE_T0`` (gpu_suite.sh sets
 it before installing) or from this process's start. A section whose estimate does not fit what is
@@ -112,6 +116,12 @@ class Sizes:
     science_epochs: int = 60
     science_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     science_rnp: dict = field(default_factory=dict)  # RNPConfig overrides (the dry run's 1 + 1 epochs)
+    fused_ks: tuple[int, ...] = (1, 2, 4, 8, 16)  # models per fused array
+    # name: (width, image side, batch): the CIFAR ResNet-18 and the demo's (width 0.25, digits at 32 px)
+    fused_models: dict = field(default_factory=lambda: {"cifar_resnet18": (1.0, 32, 128), "demo": (0.25, 32, 32)})
+    fused_variants: tuple[str, ...] = ("eager", "cuda_graphs")  # of the bf16 channels_last step
+    fused_rounds: int = 5  # timed rounds (median) after fused_warmup untimed ones
+    fused_warmup: int = 3
 
 
 GPU = Sizes()
@@ -142,6 +152,10 @@ DRY = Sizes(
     science_epochs=1,
     science_seeds=(0,),
     science_rnp={"unlearning_epochs": 0, "recovering_epochs": 1, "pruning_step": 0.3},
+    fused_ks=(1, 2),
+    fused_models={"cifar_resnet18": (0.125, 16, 8), "demo": (0.125, 16, 8)},
+    fused_rounds=1,
+    fused_warmup=1,
 )
 
 
@@ -595,6 +609,116 @@ def science_fidelity(probe: Probe) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# 10. fused: K defenses' steps as one network (rnp_fast.models.fused)
+# ----------------------------------------------------------------------------------------------
+
+FUSED_TOLERANCE = 1e-4  # fp32 with TF32 off, after one step: parameters and running statistics
+
+
+def section_fused(probe: Probe, results: dict) -> None:
+    """Per model and stage: K sequential steps (K separate models, each its own batch) against
+    one step of the K models fused, K = 1, 2, 4, ..., in the product's step settings on the
+    device (bf16, channels_last on CUDA); and once per model and stage, the fused step's result
+    against the separate models' (fp32). Units in order of interest (the CIFAR ResNet-18 first,
+    small K first), each skipped when the time it would take (the last unit's, scaled by K) is
+    not left: the section never runs past its cap."""
+    results["tolerance"] = {"parameters_and_running_stats": FUSED_TOLERANCE, "precision": "fp32, TF32 off"}
+    last = {"k": 1, "seconds": 0.0}
+    for model, (width, side, batch) in probe.sizes.fused_models.items():
+        for stage in ("unlearn", "recover"):
+            row = results.setdefault(model, {}).setdefault(stage, {"width": width, "image_side": side, "batch": batch})
+            row["equality"] = fused_equality(probe, stage, width, side, batch)
+            probe.checkpoint()
+            for k in probe.sizes.fused_ks:
+                needed = 2 * last["seconds"] * k / last["k"]
+                if probe.remaining() < needed:
+                    row[f"k{k}"] = {
+                        "status": "skipped",
+                        "reason": f"{probe.remaining():.0f} s left, ~{needed:.0f} s needed",
+                    }
+                    continue
+                started = time.perf_counter()
+                row[f"k{k}"] = fused_unit(probe, stage, k, width, side, batch)
+                last.update(k=k, seconds=time.perf_counter() - started)
+                probe.checkpoint()
+
+
+def fused_engine(probe: Probe, variant: str) -> EngineSettings:
+    fields = {"amp": torch.bfloat16, "channels_last": True} if probe.cuda else {}
+    return EngineSettings(**fields, cuda_graphs=variant == "cuda_graphs")
+
+
+def fused_batches(probe: Probe, k: int, side: int, batch: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.randn(batch, 3, side, side, generator=generator).to(probe.device) for _ in range(k)]
+    labels = [torch.randint(0, 10, (batch,), generator=generator).to(probe.device) for _ in range(k)]
+    return images, labels
+
+
+def fused_unit(probe: Probe, stage: str, k: int, width: float, side: int, batch: int) -> dict:
+    """K sequential steps and one fused step, per variant: medians (ms), speed-up, peak memory."""
+    from rnp_fast.models.fused import step_array
+
+    log(f"fused: {stage} K={k} width {width}")
+    images, labels = fused_batches(probe, k, side, batch)
+    unit = {}
+    for variant in probe.sizes.fused_variants:
+        if variant == "cuda_graphs" and not probe.cuda:
+            unit[variant] = {"status": "skipped", "reason": "no CUDA"}
+            continue
+        try:
+            free_memory(probe.device)
+            array = step_array(stage, k, "resnet18", width, fused_engine(probe, variant), batch, probe.device)
+            timings = {
+                "sequential": harness.measure(
+                    lambda a=array: a.step_separately(images, labels),
+                    probe.sizes.fused_rounds,
+                    probe.device,
+                    probe.sizes.fused_warmup,
+                ),
+                "fused": harness.measure(
+                    lambda a=array: a.step_fused(images, labels),
+                    probe.sizes.fused_rounds,
+                    probe.device,
+                    probe.sizes.fused_warmup,
+                ),
+            }
+        except Exception as error:  # e.g. out of memory at K=16: the smaller K stand
+            unit[variant] = {"status": "error", "error": describe_error(error)}
+            continue
+        medians = {name: t["median_s"] * 1e3 for name, t in timings.items()}
+        unit[variant] = {
+            "status": "ok",
+            "sequential_ms": medians["sequential"],
+            "fused_ms": medians["fused"],
+            "speedup_fused_over_sequential": medians["sequential"] / medians["fused"],
+            "timings": timings,
+            "peak_memory_mib": peak_memory_mib(probe.device),
+        }
+    return unit
+
+
+def fused_equality(probe: Probe, stage: str, width: float, side: int, batch: int, k: int = 4) -> dict:
+    """One fp32 step of K separate models and of their fused array: the largest differences."""
+    from rnp_fast.models.fused import step_array
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 sums, not TF32
+    try:
+        array = step_array(stage, k, "resnet18", width, EngineSettings(), batch, probe.device)
+        images, labels = fused_batches(probe, k, side, batch, seed=1)
+        array.step_separately(images, labels)
+        array.step_fused(images, labels)
+        differences = array.differences()
+    except Exception as error:
+        return {"status": "error", "error": describe_error(error)}
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    within = all(value <= FUSED_TOLERANCE for value in differences.values())
+    return {"status": "ok", "k": k, "max_abs_difference": differences, "within_tolerance": within}
+
+
+# ----------------------------------------------------------------------------------------------
 # Running the sections
 # ----------------------------------------------------------------------------------------------
 
@@ -633,6 +757,8 @@ SECTIONS = {
     "scoring": Section(section_scoring, 40, 120, 40),
     "throughput": Section(section_throughput, 70, 120, 35),
     "science": Section(section_science, 150, 300, 60),  # 60 s (dry: 24 s) of it: the fidelity check
+    # optional, last: runs in whatever is left (its units check the time); 45 s is its first units
+    "fused": Section(section_fused, 45, 240, 20),
 }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rnp_fast import __version__
 from rnp_fast.config import (
+    MAX_PARALLEL,
     MAX_REPEATS,
     MAX_SEED,
     TRAIN_ENGINE_FIELDS,
@@ -64,10 +65,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip=(), only=None) -
         if f.name in REQUIRED:
             options.update(required=True, default=MISSING, help=f.metadata.get("help", ""))
             options.pop("default")
+        names = [f"--{flag(f.name)}", *f.metadata.get("aliases", ())]
         if f.type in ("bool", "bool | None"):  # None: decided later (e.g. by the device)
-            group.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, **options)
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **options)
         else:
-            group.add_argument(f"--{flag(f.name)}", **options, **TYPE_OPTIONS[f.type])
+            group.add_argument(*names, **options, **TYPE_OPTIONS[f.type])
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -139,6 +141,13 @@ def add_repeat_flags(parser, first_seed: str = "--seed, --seed + 1, ...") -> Non
         "augmentation) or order (the same images as one defense, only their order and augmentation) "
         "(default: data)",
     )
+    group.add_argument(
+        "--jobs-per-device",
+        type=int,
+        help="seeds defended at once, each in a worker process with one torch thread (default: on a CPU one "
+        "per core available to this process, fewer if memory is short; on a GPU 1); 1: one after another "
+        "in this process, with its torch threads",
+    )
     group.add_argument("--success-asr", type=float, default=0.1, help="a success's largest ASR (default: 0.1)")
     group.add_argument(
         "--success-clean-drop",
@@ -153,6 +162,8 @@ def check_repeat_flags(args) -> None:
     require_count(args.repeats, "repeats", 1, MAX_REPEATS)
     last_seed = (getattr(args, "seed", None) or 0) + args.repeats - 1
     require(last_seed <= MAX_SEED, f"--seed + --repeats - 1 must be <= {MAX_SEED} (the largest seed), got {last_seed}")
+    if getattr(args, "jobs_per_device", None) is not None:
+        require_count(args.jobs_per_device, "jobs-per-device", 1, MAX_PARALLEL)
     if args.repeats > 1 and getattr(args, "mask_file", None):
         raise UserError(
             "--repeats with --mask-file: the masks are fixed, so the repeats would vary only which images are held "
@@ -167,7 +178,8 @@ def repeated(job, args) -> dict | None:
     from rnp_fast.repeats import Goal, format_seed_table, headline, run_repeats
 
     seeds = list(range(job.data.seed, job.data.seed + args.repeats))
-    result = run_repeats(job, seeds, Goal(args.success_asr, args.success_clean_drop), args.repeat_over)
+    goal = Goal(args.success_asr, args.success_clean_drop)
+    result = run_repeats(job, seeds, goal, args.repeat_over, args.jobs_per_device)  # None: one per core
     if job.engine.quiet:  # else the run's log has just shown both on the terminal
         print(format_seed_table(result), file=sys.stderr)
         print(headline(result), file=sys.stderr)

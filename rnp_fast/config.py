@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field, fields
 from rnp_fast.errors import UserError
 
 
-def doc(text: str, identity: bool = True, seed: bool = False, **kwargs):
-    """A dataclass field whose help text the CLI shows (see the module docstring for the flags)."""
-    metadata = {"help": text, "identity": identity, "seed": seed}
+def doc(text: str, identity: bool = True, seed: bool = False, aliases: tuple[str, ...] = (), **kwargs):
+    """A dataclass field whose help text the CLI shows (see the module docstring for the flags);
+    ``aliases``: older names of its flag that still work."""
+    metadata = {"help": text, "identity": identity, "seed": seed, "aliases": aliases}
     return field(metadata=metadata, **kwargs)
 
 
@@ -341,7 +342,12 @@ class SweepRunConfig:
     backend: str = doc("where jobs run: local or ray", default="local")
     address: str | None = doc("Ray cluster address (default: RAY_ADDRESS, else a new local Ray)", default=None)
     gpus: int | None = doc("GPUs to use, one worker each (default: all visible; 0 = CPU)", default=None)
-    jobs_per_gpu: int = doc("jobs sharing one GPU (without a GPU: jobs sharing the CPU)", default=1)
+    jobs_per_device: int | None = doc(
+        "jobs at once on each GPU (default 1), or on the CPU without one (default: one per core available "
+        "to this process, fewer if memory is short); each job uses one torch thread",
+        default=None,
+        aliases=("--jobs-per-gpu",),
+    )
     retry_failed: bool = doc("run failed jobs again", default=False)
     max_retries: int = doc("Ray's retries of a task whose worker died", default=3)
     max_jobs: int = doc("refuse sweeps with more jobs (counted from the axes before expanding them)", default=10_000)
@@ -356,7 +362,8 @@ class SweepRunConfig:
         )
         if self.gpus is not None:
             require_count(self.gpus, "gpus", 0, MAX_PARALLEL)
-        require_count(self.jobs_per_gpu, "jobs-per-gpu", 1, MAX_PARALLEL)
+        if self.jobs_per_device is not None:
+            require_count(self.jobs_per_device, "jobs-per-device", 1, MAX_PARALLEL)
         require_count(self.max_retries, "max-retries", 0, MAX_PARALLEL)
         require_count(self.max_jobs, "max-jobs", 1, MAX_SWEEP_JOBS)
 

@@ -36,8 +36,15 @@ def versions() -> dict:
 
 def cpu_description() -> dict:
     """CPU results depend on the CPU: its model and the threads torch uses are part of the result."""
+    from rnp_fast.capacity import available_cores
+
     model = cpuinfo("model name") or platform.processor() or None
-    return {"cpu_model": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    return {
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "cores_available": available_cores(),  # to this process: affinity, cgroup quota
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def provenance(device: torch.device | str, command: str | None = None) -> dict:

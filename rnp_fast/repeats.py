@@ -1,11 +1,14 @@
-"""The defense over N defense-data seeds in one process: how often it works, not whether one run did.
+"""The defense over N defense-data seeds: how often it works, not whether one run did.
 
 On a small model RNP is sensitive to which clean images form the defense set (and to their order
 and augmentation, which the same seed draws): one run cannot tell a lucky seed from a working
 defense. `run_repeats` resolves the run, loads the model and the test sets once and calls the
 defense once per seed (`defense.compute_defense(..., seed=s)`, compiled steps reused; with
 ``over="order"``, ``order_seed=s``: the same defense images, only their order and augmentation
-drawn), then reports per seed and in aggregate:
+drawn), then reports per seed and in aggregate. On a CPU the seeds run side by side instead, one
+worker process with one torch thread per core available (`seed_processes`, `--jobs-per-device`):
+each seed's result is the one that seed gives defended alone with one thread, and the summary
+states the processes and threads that ran. Per seed and in aggregate:
 
 - ASR and clean accuracy (non-target and full test set) after pruning at the rule's threshold;
 - success: ASR <= ``Goal.max_asr`` at a full-test clean drop <= ``Goal.max_clean_drop`` (also on
@@ -223,15 +226,25 @@ def suspected_target(defense) -> int | None:
     return histogram.top_class if histogram is not None else None
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 OVER = ("data", "order")  # what the seeds vary: the defense data (subset, order, augmentation), or order alone
 
 
 def defend_seeds(
-    job, seeds: list[int], goal: Goal = Goal(), log=None, over: str = "data"
+    job, seeds: list[int], goal: Goal = Goal(), log=None, over: str = "data", processes: int = 1
 ) -> tuple[list[SeedOutcome], object]:
-    """The defense once per seed, the run resolved, the model loaded and the steps compiled once.
-    ``over="order"``: the job's defense images every time, each seed drawing only their order and
-    augmentation. Returns the outcomes and the resolved run."""
+    """The defense once per seed. ``processes`` 1: one after another in this process (its torch
+    threads), the run resolved, the model loaded and the steps compiled once; more: that many
+    worker processes with one torch thread each, every one resolving and loading once
+    (`seeds_in_workers`). ``over="order"``: the job's defense images every time, each seed drawing
+    only their order and augmentation. Returns the outcomes, in ``seeds``' order, and the device."""
+    if processes > 1:
+        return seeds_in_workers(job, seeds, goal, log, over, processes)
     from rnp_fast.defense import compute_defense, load_inputs
     from rnp_fast.resolved import resolve_run
 
@@ -239,24 +252,94 @@ def defend_seeds(
     inputs = load_inputs(job, run)
     outcomes = []
     for seed in seeds:
-        seeded = {"order_seed": seed} if over == "order" else {"seed": seed}
-        defense = compute_defense(job, run, inputs, log=log, **seeded)
-        outcome = outcome_of(seed, defense.pruning, suspected_target(defense), defense.seconds)
-        outcomes.append(outcome)
-        if log is not None:
-            row = outcome.row(goal)
-            log.info(
-                f"seed {seed}: threshold {threshold_text(row['threshold'])}, "
-                f"{row['pruned']} pruned, ASR {row['asr_after']:.4f}, "
-                f"clean {row['clean_acc_after']:.4f} (all classes {row['clean_acc_full_after']:.4f}), "
-                f"success {'yes' if row['success'] else 'no'} ({defense.seconds:.1f} s)"
-            )
-    return outcomes, run
+        defense = compute_defense(job, run, inputs, log=log, **seeded(seed, over))
+        outcomes.append(outcome_of(seed, defense.pruning, suspected_target(defense), defense.seconds))
+        log_seed(log, outcomes[-1], goal)
+    return outcomes, run.device
 
 
-def run_repeats(job, seeds: list[int], goal: Goal = Goal(), over: str = "data") -> dict:
+def seeded(seed: int, over: str) -> dict:
+    return {"order_seed": seed} if over == "order" else {"seed": seed}
+
+
+def log_seed(log, outcome: SeedOutcome, goal: Goal) -> None:
+    if log is None:
+        return
+    row = outcome.row(goal)
+    log.info(
+        f"seed {outcome.seed}: threshold {threshold_text(row['threshold'])}, "
+        f"{row['pruned']} pruned, ASR {row['asr_after']:.4f}, "
+        f"clean {row['clean_acc_after']:.4f} (all classes {row['clean_acc_full_after']:.4f}), "
+        f"success {'yes' if row['success'] else 'no'} ({outcome.seconds:.1f} s)"
+    )
+
+
+def seeds_in_workers(job, seeds: list[int], goal: Goal, log, over: str, processes: int):
+    """Every seed in a pool of ``processes`` single-threaded workers; each seed's log lines are
+    appended to ``log``'s file as it finishes, its summary line shown as in one process."""
+    from rnp_fast.device import resolve_device
+    from rnp_fast.workers import WorkerPool, worker_result
+
+    device = resolve_device(job.engine.device)
+    pool = WorkerPool([str(device)] * processes)
+    try:
+        pending = {pool.submit(seed_in_worker, job, seed, over): seed for seed in seeds}
+        done: dict[int, SeedOutcome] = {}
+        while pending:
+            outcome, lines = worker_result(pending)
+            done[outcome.seed] = outcome
+            if log is not None:
+                log.append(lines)
+            log_seed(log, outcome, goal)
+    finally:
+        pool.close()
+    return [done[seed] for seed in seeds], device
+
+
+WORKER_THREADS = 1  # torch threads of a worker process: one per core is what fills a CPU
+_WORKER_INPUTS: dict = {}  # repr(job) -> (run, inputs): a worker resolves and loads once, for all its seeds
+
+
+def seed_in_worker(job, seed: int, over: str) -> tuple[SeedOutcome, list[str]]:
+    """One seed's defense in a worker process: its outcome and its log lines."""
+    import torch
+
+    from rnp_fast.defense import compute_defense, load_inputs
+    from rnp_fast.resolved import resolve_run
+    from rnp_fast.runlog import RunLog
+
+    torch.set_num_threads(WORKER_THREADS)
+    key = repr(job)
+    if key not in _WORKER_INPUTS:
+        _WORKER_INPUTS.clear()
+        run = resolve_run(job.model, job.data, job.attack, job.engine, reuse=True)  # as one process with seeds
+        _WORKER_INPUTS[key] = run, load_inputs(job, run)
+    run, inputs = _WORKER_INPUTS[key]
+    log = RunLog(None, quiet=True, keep=True)
+    defense = compute_defense(job, run, inputs, log=log, **seeded(seed, over))
+    return outcome_of(seed, defense.pruning, suspected_target(defense), defense.seconds), log.lines
+
+
+def seed_processes(job, seeds: list[int], requested: int | None):
+    """How many seeds run at once (`rnp_fast.capacity`): on a CPU one single-threaded process per
+    core available, as many as fit in memory; on a GPU one after another unless ``requested``."""
+    from rnp_fast.capacity import available_cores, available_memory, decide, job_memory
+    from rnp_fast.device import resolve_device
+
+    device = resolve_device(job.engine.device)
+    per_job = job_memory(job.model, job.data, device.type)
+    gpus = 1 if device.type == "cuda" else 0
+    return decide(requested, available_cores(), len(seeds), per_job, available_memory(), gpus, what="seeds")
+
+
+def run_repeats(
+    job, seeds: list[int], goal: Goal = Goal(), over: str = "data", jobs_per_device: int | None = 1
+) -> dict:
     """The defense on every seed of ``seeds``; writes summary.json, seeds.csv, tradeoff.png and
-    output.log into ``job.out`` (one run directory, never over a folder rnp-fast did not make)."""
+    output.log into ``job.out`` (one run directory, never over a folder rnp-fast did not make).
+    ``jobs_per_device``: seeds at once; None: the CLI's default (`seed_processes`: one worker per
+    core on a CPU). From Python the default is 1 (this process): workers are spawned processes,
+    which re-run the calling script unless its work sits under ``if __name__ == "__main__":``."""
     from rnp_fast.defense import resolved_config
     from rnp_fast.errors import UserError
     from rnp_fast.outputs import DEFENSE_RUN, RunDirectory, vet_output
@@ -270,13 +353,18 @@ def run_repeats(job, seeds: list[int], goal: Goal = Goal(), over: str = "data") 
     with RunDirectory(job.out, job.reads(), kind=DEFENSE_RUN) as out:
         log = RunLog(out.path("output.log"), job.engine.quiet)
         try:
-            outcomes, run = defend_seeds(job, seeds, goal, log, over)
-            result = {**aggregate(outcomes, goal), "over": over}
+            processes = seed_processes(job, seeds, jobs_per_device)
+            threads = WORKER_THREADS if processes.jobs > 1 else torch_threads()
+            log.info(
+                f"{len(seeds)} seeds, {processes.jobs} at once, {threads} torch thread(s) each: {processes.reason}"
+            )
+            outcomes, device = defend_seeds(job, seeds, goal, log, over, processes.jobs)
+            result = {**aggregate(outcomes, goal), "over": over, "processes": processes.jobs, "threads": threads}
             log.info(format_seed_table(result))
             log.info(headline(result))
         finally:
             log.close()
-        out.write_json("summary.json", {"repeats": result, "config": resolved_config(job, run.device)})
+        out.write_json("summary.json", {"repeats": result, "config": resolved_config(job, device)})
         out.write_text("seeds.csv", format_seeds_csv(result))
         plot_tradeoff(out.path("tradeoff.png"), outcomes, goal)
     return result

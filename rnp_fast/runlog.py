@@ -26,6 +26,12 @@ class RunLog:
         if not self.quiet:
             tqdm.write(line, file=sys.stderr)
 
+    def append(self, lines: list[str]) -> None:
+        """Lines already stamped (a worker process's log, kept in memory) into the file only."""
+        if self.handle:
+            self.handle.write("".join(line + "\n" for line in lines))
+            self.handle.flush()
+
     def bar(self, total: int, description: str) -> tqdm:
         # Bars only on a terminal: in logs and CI the timestamped epoch lines say the same.
         disable = self.quiet or not sys.stderr.isatty()

@@ -143,3 +143,31 @@ def test_the_budget_clock_starts_with_the_process_or_the_wrapper(monkeypatch):
     monkeypatch.setenv("RNP_PROBE_T0", "yesterday")
     with pytest.raises(UserError, match="RNP_PROBE_T0"):
         clock_start()
+
+
+@pytest.mark.heavy  # six tiny defenses and a 4-job sweep, each a fresh process: ~2 min on 2 idle cores
+def test_bench_parallel_times_one_at_a_time_against_the_default(tmp_path, monkeypatch):
+    out = tmp_path / "parallel.json"
+    workloads = "repeats,step_rate,fused"
+    result = script(
+        "bench_parallel.py", "--dry-run", "--workloads", workloads, "--repeats", "1", "--out", str(out), timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["cores_available"] >= 1 and saved["cores_available"] == saved["machine"]["cores_available"]
+    repeats = saved["repeats"]
+    one, default = repeats["runs"]["one_at_a_time"], repeats["runs"]["default"]
+    assert len(one) == len(default) == 2  # the warm-up, then the timed run
+    assert all(run["processes"] == 1 for run in one) and "as asked (--jobs-per-device 1)" in one[0]["first_log_line"]
+    cores = saved["machine"]["cores_available"]
+    assert all(run["processes"] == min(cores, 2) for run in default)
+    assert repeats["default"]["defenses_per_hour"] > 0 and repeats["one_at_a_time_over_default"] > 0
+    one_thread = saved["step_rate"]["threads_1"]
+    assert one_thread["fraction_of_matmul_rate"] > 0 and one_thread["step_flops"] > 1e9  # the demo's step: 6.7 GFLOP
+    for stage in ("unlearn", "recover"):
+        row = saved["fused"][stage]["k2"]
+        assert row["fused_speedup"] > 0 and max(row["max_abs_difference_after_the_steps"].values()) < 1e-3
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench_parallel = importlib.import_module("bench_parallel")
+    sweep = bench_parallel.sweep_run(tmp_path, "default", 0, dry_run=True)  # the sweep workload's path
+    assert sweep["defenses"] == 4 and "job(s) at once, one torch thread each" in sweep["first_log_line"]

@@ -402,7 +402,7 @@ HOSTILE_CASES = {
     "train-backdoor --epochs 10**9": (train_into("{w}/t") + ["--epochs", "1000000000"], "--epochs must be in"),
     "bench --repeats 10**9": (["bench", "--repeats", "1000000000"], "--repeats must be in"),
     "sweep --max-jobs 10**12": (sweep_of("small.yaml") + ["--max-jobs", str(10**12)], "--max-jobs must be in"),
-    "sweep --jobs-per-gpu 10**6": (sweep_of("small.yaml") + ["--jobs-per-gpu", "1000000"], "--jobs-per-gpu must be"),
+    "sweep --jobs-per-gpu 10**6": (sweep_of("small.yaml") + ["--jobs-per-gpu", "1000000"], "--jobs-per-device must be"),
     "sweep file with a billion training epochs": (sweep_of("huge_epochs.yaml"), "epochs must be in 1..10,000"),
     "sweep axis with 10**11 recovering epochs": (sweep_of("huge_axis.yaml"), "recovering-epochs must be in"),
     "sweep axis with a pruning step of 1e-9": (sweep_of("tiny_step.yaml"), "more than 10,000 pruning candidates"),

@@ -88,6 +88,21 @@ def test_the_dry_run_records_every_section(gpu_probe, dry_run):
     assert sections["scoring"]["results"]["batched_equals_sequential"]
     assert sections["throughput"]["results"]["defenses_per_hour"] > 0
     assert set(sections["science"]["results"]["seeds"]["0"]) >= {"asr_before", "asr_after", "clean_acc_after"}
+    check_fused(sections["fused"])
+
+
+def check_fused(fused: dict) -> None:
+    """The fused section's dry run: every model and stage timed at K = 1 and 2 (eager; CUDA graphs
+    skipped without CUDA), and the fused step within its tolerance of the separate models'."""
+    assert fused["status"] == "ok"
+    results = fused["results"]
+    for model in ("cifar_resnet18", "demo"):
+        for stage in ("unlearn", "recover"):
+            row = results[model][stage]
+            assert row["equality"]["within_tolerance"] and row["equality"]["k"] == 4
+            for k in (1, 2):
+                assert row[f"k{k}"]["eager"]["speedup_fused_over_sequential"] > 0
+                assert row[f"k{k}"]["cuda_graphs"] == {"status": "skipped", "reason": "no CUDA"}
 
 
 @DRY_RUN_IS_SLOW
@@ -161,6 +176,28 @@ def test_the_first_sections_keep_their_time_on_the_gpu(gpu_probe):
     assert skip and "--budget-s" in skip
 
 
+@pytest.mark.heavy  # a child process that imports torch and steps 16 tiny models: ~15 s
+def test_the_fused_section_times_k_models_and_checks_them_against_separate_ones(gpu_probe, tmp_path, monkeypatch):
+    monkeypatch.setenv("RNP_PROBE_T0", repr(time.time()))
+    out = tmp_path / "probe.json"
+    argv = ["--dry-run", "--sections", "fused", "--out", str(out), "--auto-table", str(tmp_path / "t.json")]
+    assert gpu_probe.main(argv) == 0
+    check_fused(json.loads(out.read_text())["sections"]["fused"])
+
+
+def test_the_fused_section_only_gets_what_the_others_left(gpu_probe):
+    """Last and optional on the GPU: skipped when less than its first units' time is left, and
+    never capped beyond what is left."""
+    from rnp_fast.harness.budget import Budget
+
+    args = gpu_probe.parse_args(["--out", "probe.json"])
+    assert list(gpu_probe.SECTIONS)[-1] == "fused" and not gpu_probe.SECTIONS["fused"].first
+    *_, skip = gpu_probe.plan(args, "fused", Budget(480, time.time() - 450))
+    assert skip and "--budget-s" in skip
+    estimate, cap, skip = gpu_probe.plan(args, "fused", Budget(480, time.time() - 380))
+    assert skip is None and cap <= 100
+
+
 @pytest.mark.heavy
 def test_the_wrapper_runs_the_probe_and_refuses_bad_sections(tmp_path):
     out = tmp_path / "probe.json"
@@ -171,5 +208,5 @@ def test_the_wrapper_runs_the_probe_and_refuses_bad_sections(tmp_path):
     assert json.loads(out.read_text())["sections"]["env"]["results"]["matmul"]["tflops"] > 0
     bad = subprocess.run([*wrapper, "--sections", "env,gpu"], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    sections = "env, graphs, kernel, steps, e2e, reference, scoring, throughput, science"
+    sections = "env, graphs, kernel, steps, e2e, reference, scoring, throughput, science, fused"
     assert bad.stderr.strip() == f"gpu_probe.py: error: --sections takes {sections}; got 'env,gpu'"

@@ -121,3 +121,43 @@ def test_repeats_over_order_keep_the_defense_images_and_draw_only_their_order(ti
     stored = json.loads((out / "summary.json").read_text())["repeats"]
     assert stored["over"] == "order" and stored["seeds"] == [3, 4]
     assert stored["per_seed"][1]["asr_after"] == drawn.pruning.after.asr
+
+
+def comparable(lines: list[str]) -> list[str]:
+    """A log's lines without their times (stamps, epoch seconds, seed seconds), sorted: the
+    losses, accuracies and pruning rows, to 4 decimals, whatever order the seeds finished in."""
+    kept = []
+    for line in lines:
+        text = line.split("] - ", 1)[1]
+        fields = text.split(" \t ")
+        if fields[0].isdigit() and len(fields) > 3:  # an epoch row: epoch, lr, seconds, losses...
+            del fields[2]
+        kept.append(" \t ".join(fields).rsplit(" (", 1)[0] if text.startswith("seed ") else " \t ".join(fields))
+    return sorted(kept)
+
+
+@pytest.mark.heavy  # two worker processes start, import torch and defend: ~20-30 s on 2 busy cores
+def test_seeds_in_two_worker_processes_equal_one_at_a_time_with_one_thread(tiny_checkpoint, tmp_path):
+    import torch
+
+    from rnp_fast.repeats import defend_seeds, run_repeats
+    from rnp_fast.runlog import RunLog
+
+    job = tiny_job(tiny_checkpoint, str(tmp_path / "parallel"))
+    parallel = run_repeats(job, [3, 4], jobs_per_device=2)
+    assert parallel["processes"] == 2 and parallel["threads"] == 1  # the summary says how they ran
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    log = RunLog(None, quiet=True, keep=True)
+    try:
+        one_at_a_time, _ = defend_seeds(job, [3, 4], log=log, processes=1)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [o.row(Goal()) for o in one_at_a_time]
+    for row, stored in zip(rows, parallel["per_seed"], strict=True):
+        assert {k: v for k, v in row.items() if k != "seconds"} == {k: v for k, v in stored.items() if k != "seconds"}
+    parallel_log = (tmp_path / "parallel" / "output.log").read_text().splitlines()
+    first, *seed_lines = parallel_log
+    assert "2 seeds, 2 at once, 1 torch thread(s) each: as asked (--jobs-per-device 2)" in first
+    seed_lines = [line for line in seed_lines if "seed \t threshold" not in line][: len(log.lines)]
+    assert comparable(seed_lines) == comparable(log.lines)  # every epoch's losses and every pruning row

@@ -1,4 +1,8 @@
-"""The one benchmark harness, used by `rnp-fast bench`, every script in benchmarks/ and the GPU probe.
+"""The one benchmark harness for whole defenses and commands, used by `rnp-fast bench`, every
+script in benchmarks/ and the GPU probe. The phases' micro-benchmarks (benchmarks/micro/) time
+their variants with pytest-benchmark instead, which repeats, calibrates and saves them itself;
+the harness keeps what pytest-benchmark does not do: whole defenses in the device's own timing
+(synchronised, cold runs apart), provenance in rnp-fast's files, and the GPU probe's time budget.
 
 It lives in the installed package because `rnp-fast bench`, an installed command, times, records
 and runs its workloads with it; the scripts import it as ``from rnp_fast import harness``.

@@ -1,4 +1,5 @@
-"""Where jobs run: in the driver's process, in one worker process per GPU slot, or as Ray tasks.
+"""Where jobs run: in the driver's process, in local worker processes (one per slot: a core, or a
+share of a GPU; `rnp_fast.workers`), or as Ray tasks.
 
 Every backend takes the jobs to run and an ``events`` object, calls ``events.started(job, where)``
 when it hands a job out and ``events.finished(job, record)`` when its record is back; the driver
@@ -8,8 +9,6 @@ so "running" in the store means running, not queued.
 
 from __future__ import annotations
 
-import concurrent.futures as futures
-import multiprocessing
 import os
 import re
 import shutil
@@ -17,7 +16,6 @@ import socket
 import sys
 import tempfile
 from collections import deque
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from rnp_fast.outputs import RunDirectory, process_alive
 from rnp_fast.outputs.leftovers import is_empty, proven_ours
 from rnp_fast.sweep.execute import run_job
 from rnp_fast.sweep.job import Job
+from rnp_fast.workers import WorkerPool, first_done, slot
 
 RAY_INSTALL = "pip install 'rnp-fast[ray]'"
 CONNECT_TIMEOUT_S = 5.0  # to open a TCP connection to --address before handing it to Ray
@@ -35,8 +34,8 @@ SCRATCH_PREFIX = "rnp-fast-job-"  # + "<pid>-<host>-": a Ray task's scratch fold
 class InProcess:
     """Jobs one after another in this process: compiled functions and loaded data stay warm."""
 
-    def __init__(self, device: str):
-        self.device = device
+    def __init__(self, device: str, why: str = ""):
+        self.device, self.why = device, why
         self.name = f"local ({device})"
 
     def run(self, jobs: list[Job], events, paths) -> None:
@@ -49,37 +48,21 @@ class InProcess:
         pass
 
 
-class WorkerPool:
-    """One long-lived worker process per slot (``devices[i]``), each pinned to its device."""
+class LocalWorkers:
+    """One long-lived worker process per slot (``devices[i]``), each pinned to its device
+    (`rnp_fast.workers`)."""
 
-    def __init__(self, devices: list[str]):
-        self.devices = devices
+    def __init__(self, devices: list[str], why: str = ""):
+        self.devices, self.why = devices, why
         self.name = f"local, {len(devices)} workers ({', '.join(sorted(set(devices)))})"
-        self.executor = None
-
-    def start(self) -> futures.ProcessPoolExecutor:
-        # spawn, not fork: forking a process that has started torch's threads (or CUDA) is unsafe.
-        context = multiprocessing.get_context("spawn")
-        slots = context.Queue()
-        for device in self.devices:
-            slots.put(device)
-        return futures.ProcessPoolExecutor(
-            len(self.devices), mp_context=context, initializer=claim_slot, initargs=(slots,)
-        )
+        self.pool = WorkerPool(devices)
 
     def run(self, jobs: list[Job], events, paths) -> None:
         def submit(job):
-            if self.executor is None:
-                self.executor = self.start()
-            try:
-                return self.executor.submit(pool_job, job, paths.models, paths.job(job), paths.keep_purified)
-            except BrokenProcessPool:  # a worker died (e.g. out of memory): start afresh
-                self.executor = self.start()
-                return self.executor.submit(pool_job, job, paths.models, paths.job(job), paths.keep_purified)
+            return self.pool.submit(pool_job, job, paths.models, paths.job(job), paths.keep_purified)
 
         def wait_one(in_flight):
-            done, _ = futures.wait(in_flight, return_when=futures.FIRST_COMPLETED)
-            future = next(iter(done))
+            future = first_done(in_flight)
             if future.exception() is not None:  # the process died; the job's own errors come back as data
                 return future, {"error": f"worker process died: {future.exception()!r}"}
             return future, future.result()
@@ -87,21 +70,12 @@ class WorkerPool:
         windowed(jobs, len(self.devices), submit, wait_one, events, "local worker")
 
     def close(self) -> None:
-        if self.executor is not None:  # after Ctrl-C, do not wait for the jobs still running
-            self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-_SLOT_DEVICE = "cpu"  # the device of this worker process, set once by claim_slot
-
-
-def claim_slot(slots) -> None:
-    global _SLOT_DEVICE
-    _SLOT_DEVICE = slots.get()
+        self.pool.close()  # after Ctrl-C: the jobs still running are killed (the driver requeued them)
 
 
 def pool_job(job: Job, models: Path, job_dir: Path, keep_purified: bool) -> dict:
-    record = run_job(job, models, job_dir, _SLOT_DEVICE, keep_purified)
-    return {**record, "worker": f"{worker_name()} {_SLOT_DEVICE}"}
+    record = run_job(job, models, job_dir, slot(), keep_purified)
+    return {**record, "worker": f"{worker_name()} {slot()}"}
 
 
 class RayBackend:
@@ -124,6 +98,9 @@ class RayBackend:
         )
         self.tries = self.ray.remote(TryCounter).options(num_cpus=0).remote()
         self.name = f"ray ({int(resources.get('CPU', 0))} CPUs, {gpus} GPUs, {self.window} tasks at once)"
+        self.why = "one task per job" + (
+            f", 1/{jobs_per_gpu} of a GPU each" if gpus else ", one CPU and torch thread each"
+        )
 
     def run(self, jobs: list[Job], events, paths) -> None:
         def submit(job):

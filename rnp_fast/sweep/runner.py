@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rnp_fast.capacity import Parallelism, available_cores, available_memory, decide, job_memory
 from rnp_fast.config import SweepRunConfig
 from rnp_fast.errors import UserError
 from rnp_fast.outputs import SWEEP_STORE, vet_output, writing_inside
@@ -47,7 +48,7 @@ def run_sweep(sweep_file: str, options: SweepRunConfig) -> dict:
     directory = vet_output(options.store, [sweep_file], flag="--store", owned=is_old_store, kind=SWEEP_STORE)
     check_database(directory / DATABASE)  # a results.sqlite of another application is never written
     sweep = load_sweep(sweep_file, options.max_jobs)  # every check happens here, before anything is written
-    backend = make_backend(options)
+    backend = make_backend(options, sweep.jobs)
     try:
         with exclusive(directory), writing_inside(directory):  # its jobs, models (and Ray's artifacts)
             store = ResultsStore(directory)
@@ -70,6 +71,7 @@ def run_pending(sweep: Sweep, store: ResultsStore, backend, paths: StorePaths, o
     todo = [job for job in sweep.jobs if status[job.hash] == "pending"]
     log = SweepLog(paths.directory, len(todo), options.quiet)
     try:
+        log.info(f"{backend.name}: {backend.why}")
         log.info(
             f"sweep {sweep.name}: {len(sweep.jobs)} jobs ({new} new), {len(todo)} to run "
             f"({interrupted} interrupted earlier, {retried} failed retried) on {backend.name}"
@@ -131,23 +133,38 @@ def outcome(record: dict) -> str:
     )
 
 
-def make_backend(options: SweepRunConfig):
-    from rnp_fast.sweep.backends import InProcess, RayBackend, WorkerPool
+def make_backend(options: SweepRunConfig, jobs: list[Job]):
+    """Where the jobs run, with ``why`` (the log's first line): Ray, or local slots (`local_slots`)."""
+    from rnp_fast.sweep.backends import InProcess, LocalWorkers, RayBackend
 
     if options.backend == "ray":
-        return RayBackend(options.address, options.jobs_per_gpu, options.max_retries)
-    devices = local_devices(options.gpus, options.jobs_per_gpu)
-    return InProcess(devices[0]) if len(devices) == 1 else WorkerPool(devices)
+        return RayBackend(options.address, options.jobs_per_device or 1, options.max_retries)
+    devices, parallelism = local_slots(options.gpus, options.jobs_per_device, jobs)
+    why = f"{len(devices)} job(s) at once, one torch thread each: {parallelism.reason}"
+    return InProcess(devices[0], why) if len(devices) == 1 else LocalWorkers(devices, why)
 
 
-def local_devices(gpus: int | None, jobs_per_gpu: int) -> list[str]:
-    """One device per worker slot, consecutive slots on different GPUs."""
+def local_slots(gpus: int | None, jobs_per_device: int | None, jobs: list[Job]) -> tuple[list[str], Parallelism]:
+    """One device per worker slot, consecutive slots on different GPUs; without a GPU, one slot
+    per core (or ``jobs_per_device``), as many as fit in memory (`rnp_fast.capacity`)."""
     import torch
 
     available = torch.cuda.device_count()
     gpus = available if gpus is None else gpus
     if gpus > available:
         raise UserError(f"--gpus {gpus}: only {available} CUDA device(s) visible")
+    device = "cuda" if gpus else "cpu"
+    per_job = max((job_memory(model, data, device) for model, data in distinct_shapes(jobs)), default=0)
+    parallelism = decide(jobs_per_device, available_cores(), len(jobs), per_job, available_memory(), gpus)
     if gpus == 0:
-        return ["cpu"] * jobs_per_gpu
-    return [f"cuda:{slot % gpus}" for slot in range(gpus * jobs_per_gpu)]
+        return ["cpu"] * parallelism.jobs, parallelism
+    return [f"cuda:{slot % gpus}" for slot in range(parallelism.jobs)], parallelism
+
+
+def distinct_shapes(jobs: list[Job]) -> list[tuple]:
+    """(model, data) of the jobs, once per setting that changes a job's memory."""
+    shapes = {}
+    for job in jobs:
+        key = (job.model.arch, job.model.width, job.data.dataset, job.data.data_dir, job.data.image_size)
+        shapes.setdefault(key + (job.data.batch_size,), (job.model, job.data))
+    return list(shapes.values())
