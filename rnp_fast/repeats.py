@@ -61,7 +61,7 @@ class SeedOutcome:
     pruned: int
     curve: list[CurvePoint]
     chosen_index: int | None
-    suspected_target: int | None = None  # the unlearned model's top predicted class (diagnostics)
+    collapse_class: int | None = None  # the unlearned model's top predicted class (diagnostics)
     seconds: float | None = None  # this seed's defense, wall time (data to purified model)
 
     def success(self, goal: Goal) -> bool:
@@ -88,12 +88,12 @@ class SeedOutcome:
             "success": self.success(goal),
             "success_nontarget": self.success_nontarget(goal),
             "any_threshold_succeeds": self.any_threshold(goal),
-            "suspected_target": self.suspected_target,
+            "collapse_class": self.collapse_class,
             "seconds": self.seconds,
         }
 
 
-def outcome_of(seed: int, pruning, suspected_target: int | None = None, seconds: float | None = None) -> SeedOutcome:
+def outcome_of(seed: int, pruning, collapse_class: int | None = None, seconds: float | None = None) -> SeedOutcome:
     """A `SeedOutcome` from a defense's `Pruning` (steps, metrics, choice, chosen, before, after)."""
     curve = [
         CurvePoint(step.label, step.count, m.asr, m.clean_acc, m.clean_acc_full)
@@ -108,7 +108,7 @@ def outcome_of(seed: int, pruning, suspected_target: int | None = None, seconds:
         pruned=chosen.count if chosen is not None else 0,
         curve=curve,
         chosen_index=pruning.choice.index,
-        suspected_target=suspected_target,
+        collapse_class=collapse_class,
         seconds=seconds,
     )
 
@@ -215,7 +215,7 @@ def plot_tradeoff(path, outcomes: list[SeedOutcome], goal: Goal) -> None:
     plt.close(fig)
 
 
-def suspected_target(defense) -> int | None:
+def collapse_class(defense) -> int | None:
     """The unlearned model's top predicted class on the rule's clean images (None: no unlearning)."""
     from rnp_fast.diagnostics import target_report
 
@@ -241,7 +241,7 @@ def defend_seeds(
     for seed in seeds:
         seeded = {"order_seed": seed} if over == "order" else {"seed": seed}
         defense = compute_defense(job, run, inputs, log=log, **seeded)
-        outcome = outcome_of(seed, defense.pruning, suspected_target(defense), defense.seconds)
+        outcome = outcome_of(seed, defense.pruning, collapse_class(defense), defense.seconds)
         outcomes.append(outcome)
         if log is not None:
             row = outcome.row(goal)
