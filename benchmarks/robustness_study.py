@@ -6,14 +6,14 @@ only in ranking or threshold rule, except ``weighted_recover`` (one more recover
 
 - ``paper``: masks ascending, the held-out rule (accuracy within 2 points of unpruned): RNP as shipped.
 - ``nontarget_rule``: the same ranking; the rule scores only the held-out images outside the
-  suspected target class (the unlearned model's top predicted class, `rnp_fast.diagnostics`).
-- ``protect``: the mask ranking without the channels the suspected target class needs most on its
+  collapse class (the unlearned model's top predicted class, `rnp_fast.diagnostics`).
+- ``protect``: the mask ranking without the channels the collapse class needs most on its
   clean defense images (first-order effect of pruning a channel on the class's own logit,
   gamma * d logit / d gamma, top ``--protect`` share never pruned); paper rule.
 - ``protect_nontarget``: both of the above.
 - ``trajectory``: channels ranked by their mask averaged over the recovering epochs (area under
   the mask trajectory) instead of the last epoch's mask; paper rule.
-- ``weighted_recover``: recovering with the suspected target class's clean images repeated
+- ``weighted_recover``: recovering with the collapse class's clean images repeated
   ``--target-weight`` times in the defense data; paper rule.
 - ``clp``: Channel Lipschitzness-based Pruning (Zheng et al., "Data-free backdoor removal based on
   channel Lipschitzness", ECCV 2022): channels ranked by their per-layer standardised upper bound
@@ -79,7 +79,7 @@ class Pair:
     run: object
     backdoored: nn.Module
     data: object
-    target: int  # suspected target class (from the unlearned model's histogram)
+    target: int  # the collapse class (the unlearned model's histogram's top class)
 
 
 def model_setup(name: str, spec: str) -> tuple[str, AttackConfig]:
@@ -414,7 +414,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def one_line(record: dict) -> str:
-    parts = [f"{record['model']} seed {record['seed']} target? {record['histogram']['suspected_target']}"]
+    parts = [f"{record['model']} seed {record['seed']} collapse class {record['histogram']['collapse_class']}"]
     for variant, outcome in record["variants"].items():
         after = outcome["after"]
         parts.append(f"{variant} {after['asr']:.2f}/{after['clean_full']:.3f}{'*' if after['success'] else ''}")

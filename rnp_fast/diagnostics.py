@@ -3,9 +3,10 @@
 Two things a defender can see without a single triggered image:
 
 - The unlearned model's predicted-class histogram on the clean held-out images. Gradient ascent
-  pushes the backdoored model away from the clean labels, and it falls onto the class the backdoor
-  already maps everything to: on the digits models every held-out image lands on the attack's
-  target. The histogram's largest bin names a suspected target class (a detector for free).
+  pushes the model away from the clean labels and it falls onto one class: the collapse class.
+  On a backdoored model that is often the backdoor's target (the trigger's ready-made shortcut),
+  but clean models collapse onto one class too, so it names a class, not a verdict: what it was
+  worth on the digits testbed is `COLLAPSE_CLASS_WORTH` (benchmarks/clean_verdict_study.py).
 - Clean accuracy per class at every pruning candidate. Recovering from that collapse also lowers
   masks on channels the target class itself needs, so a threshold can remove the backdoor and the
   target class's accuracy together: the per-class columns show which class a threshold hurts.
@@ -22,6 +23,13 @@ from rnp_fast.evaluation.predict import predict
 from rnp_fast.loaders.augment import normalisation
 from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.prune import PruneStep
+
+# What the collapse class was worth on the study's digits models (benchmarks/results/
+# clean_verdict_digits_cpu.json): said with it in the log and in diagnostics.json.
+COLLAPSE_CLASS_WORTH = (
+    "not a backdoor verdict: on digits it was the backdoor's target for 6 of 13 backdoored "
+    "models, and clean models collapse onto one class too (docs/efficacy.md)"
+)
 
 
 @dataclass
@@ -45,11 +53,17 @@ class ClassHistogram:
     def describe(self) -> str:
         return (
             f"unlearned model's predictions on {self.total} clean held-out images: class {self.top_class} takes "
-            f"{self.top_share:.0%} (suspected backdoor target); histogram {self.counts}"
+            f"{self.top_share:.0%}, the class unlearning collapses onto; {COLLAPSE_CLASS_WORTH}; "
+            f"histogram {self.counts}"
         )
 
     def as_dict(self) -> dict:
-        return {"counts": self.counts, "suspected_target": self.top_class, "suspected_target_share": self.top_share}
+        return {
+            "counts": self.counts,
+            "collapse_class": self.top_class,
+            "collapse_class_share": self.top_share,
+            "collapse_class_worth": COLLAPSE_CLASS_WORTH,
+        }
 
 
 def predicted_class_histogram(
@@ -67,7 +81,7 @@ def predicted_class_histogram(
 
 @dataclass
 class TargetReport:
-    """What the diagnostics add to a defense: the suspected target and per-class held-out accuracy."""
+    """What the diagnostics add to a defense: the collapse class and per-class held-out accuracy."""
 
     histogram: ClassHistogram | None  # None: no unlearning ran (masks were given)
     base: list[float]  # the unpruned model's held-out accuracy per class
@@ -97,24 +111,24 @@ def target_report(defense) -> TargetReport:
 
 
 def plot_per_class(path, labels: list[float], report: TargetReport, chosen: int | None, by: str) -> None:
-    """Held-out accuracy of every class against the threshold, the suspected target class bold."""
+    """Held-out accuracy of every class against the threshold, the collapse class bold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    suspected = report.histogram.top_class if report.histogram else None
+    collapse = report.histogram.top_class if report.histogram else None
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
     for cls in range(len(report.base)):
         ys = [row[cls] for row in report.per_step]
-        bold = cls == suspected
+        bold = cls == collapse
         axes.plot(
             labels,
             ys,
             "o-" if bold else "-",
             linewidth=2.5 if bold else 1,
             alpha=1 if bold else 0.6,
-            label=f"class {cls}" + (" (suspected target)" if bold else ""),
+            label=f"class {cls}" + (" (collapse class)" if bold else ""),
         )
     if chosen is not None:
         axes.axvline(labels[chosen], color="gray", linestyle=":", label="chosen")
@@ -137,7 +151,7 @@ def write_diagnostics(out, report: TargetReport, steps: list[PruneStep], chosen:
 
 
 def target_diagnostics(defense, log) -> TargetReport:
-    """`target_report`, with its findings in the run's log: the suspected target class and, at the
+    """`target_report`, with its findings in the run's log: the collapse class and, at the
     chosen step, the class whose held-out accuracy fell most."""
     report = target_report(defense)
     if report.histogram is not None:

@@ -64,7 +64,7 @@ class SeedOutcome:
     pruned: int
     curve: list[CurvePoint]
     chosen_index: int | None
-    suspected_target: int | None = None  # the unlearned model's top predicted class (diagnostics)
+    collapse_class: int | None = None  # the unlearned model's top predicted class (diagnostics)
     seconds: float | None = None  # this seed's defense, wall time (data to purified model)
 
     def success(self, goal: Goal) -> bool:
@@ -91,12 +91,12 @@ class SeedOutcome:
             "success": self.success(goal),
             "success_nontarget": self.success_nontarget(goal),
             "any_threshold_succeeds": self.any_threshold(goal),
-            "suspected_target": self.suspected_target,
+            "collapse_class": self.collapse_class,
             "seconds": self.seconds,
         }
 
 
-def outcome_of(seed: int, pruning, suspected_target: int | None = None, seconds: float | None = None) -> SeedOutcome:
+def outcome_of(seed: int, pruning, collapse_class: int | None = None, seconds: float | None = None) -> SeedOutcome:
     """A `SeedOutcome` from a defense's `Pruning` (steps, metrics, choice, chosen, before, after)."""
     curve = [
         CurvePoint(step.label, step.count, m.asr, m.clean_acc, m.clean_acc_full)
@@ -111,7 +111,7 @@ def outcome_of(seed: int, pruning, suspected_target: int | None = None, seconds:
         pruned=chosen.count if chosen is not None else 0,
         curve=curve,
         chosen_index=pruning.choice.index,
-        suspected_target=suspected_target,
+        collapse_class=collapse_class,
         seconds=seconds,
     )
 
@@ -218,7 +218,7 @@ def plot_tradeoff(path, outcomes: list[SeedOutcome], goal: Goal) -> None:
     plt.close(fig)
 
 
-def suspected_target(defense) -> int | None:
+def collapse_class(defense) -> int | None:
     """The unlearned model's top predicted class on the rule's clean images (None: no unlearning)."""
     from rnp_fast.diagnostics import target_report
 
@@ -253,7 +253,7 @@ def defend_seeds(
     outcomes = []
     for seed in seeds:
         defense = compute_defense(job, run, inputs, log=log, **seeded(seed, over))
-        outcomes.append(outcome_of(seed, defense.pruning, suspected_target(defense), defense.seconds))
+        outcomes.append(outcome_of(seed, defense.pruning, collapse_class(defense), defense.seconds))
         log_seed(log, outcomes[-1], goal)
     return outcomes, run.device
 
@@ -317,7 +317,7 @@ def seed_in_worker(job, seed: int, over: str) -> tuple[SeedOutcome, list[str]]:
     run, inputs = _WORKER_INPUTS[key]
     log = RunLog(None, quiet=True, keep=True)
     defense = compute_defense(job, run, inputs, log=log, **seeded(seed, over))
-    return outcome_of(seed, defense.pruning, suspected_target(defense), defense.seconds), log.lines
+    return outcome_of(seed, defense.pruning, collapse_class(defense), defense.seconds), log.lines
 
 
 def seed_processes(job, seeds: list[int], requested: int | None):

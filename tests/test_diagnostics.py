@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rnp_fast.diagnostics import ClassHistogram, predicted_class_histogram
+from rnp_fast.diagnostics import COLLAPSE_CLASS_WORTH, ClassHistogram, predicted_class_histogram
 from rnp_fast.evaluation.metrics import per_class_accuracy
 from rnp_fast.evaluation.scoring import ScoringOptions, holdout_accuracies
 from rnp_fast.loaders.sources import ImageSet
@@ -45,8 +45,11 @@ def test_a_collapsed_model_names_its_class():
     histogram = predicted_class_histogram(Constant(7), images(30), (0.5,) * 3, (0.25,) * 3, 10)
     assert histogram.counts == [0] * 7 + [30] + [0] * 2
     assert histogram.top_class == 7 and histogram.top_share == 1.0
-    assert "class 7 takes 100%" in histogram.describe()
-    assert histogram.as_dict()["suspected_target"] == 7
+    assert "class 7 takes 100%, the class unlearning collapses onto" in histogram.describe()
+    assert "suspected" not in histogram.describe()  # a collapse is not a verdict (docs/efficacy.md)
+    saved = histogram.as_dict()
+    assert saved["collapse_class"] == 7 and saved["collapse_class_share"] == 1.0
+    assert saved["collapse_class_worth"] == COLLAPSE_CLASS_WORTH
 
 
 def test_histogram_ties_go_to_the_lowest_class():
@@ -118,4 +121,5 @@ def test_a_defense_run_saves_its_diagnostics(tiny_checkpoint, tmp_path):
     assert len(saved["holdout_acc_per_class"]) == 4
     assert sum(saved["unlearned_prediction_histogram"]["counts"]) > 0
     assert (out / "per_class.png").is_file()
-    assert "suspected backdoor target" in (out / "output.log").read_text()
+    log = (out / "output.log").read_text()
+    assert "the class unlearning collapses onto" in log and "suspected" not in log
