@@ -1,6 +1,9 @@
 """Shared fixtures: tiny models and checkpoints on the embedded digits set (CPU, seconds)."""
 
 import os
+import subprocess
+import sys
+import time
 
 import torch
 
@@ -49,3 +52,20 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_safetensors(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`rnp-fast demo --device cpu` run once per session as a new user runs it (heavy tests only):
+    (its run directory, what it printed, its wall seconds)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "rnp_fast", "demo", "--out", str(out), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=1800,  # minutes when idle (test_demo holds it to 3); a loaded shared CPU took 24
+    )
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout + result.stderr, seconds
