@@ -141,4 +141,6 @@ def mark(directory: Path, kind: str, files: Iterable[str] | None = None) -> None
     record = {"made_by": MADE_BY, "version": __version__, "kind": kind}
     if files is not None:
         record["files"] = sorted(files)
-    (directory / MARKER).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    from rnp_fast.outputs.results import json_text  # results reads the markers: imported here, not above
+
+    (directory / MARKER).write_text(json_text(record, indent=None), encoding="utf-8")
