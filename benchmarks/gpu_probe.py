@@ -548,7 +548,7 @@ def section_scoring(probe: Probe, results: dict) -> None:
 
 def metric_difference(a: list, b: list) -> float:
     """The largest difference of any metric of any step between two scorings (0: the same)."""
-    pairs = [(asdict(m), asdict(n)) for m, n in zip(a, b, strict=True)]
+    pairs = [(m.as_dict(), n.as_dict()) for m, n in zip(a, b, strict=True)]  # the figures, not per-image data
     return max((abs(m[key] - n[key]) for m, n in pairs for key in m), default=0.0)
 
 

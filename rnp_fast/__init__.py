@@ -2,7 +2,8 @@
 
 The Python API (`api`): ``rnp_fast.defend(model, defense=..., mean=..., std=...)`` defends any
 PyTorch model with BatchNorm2d layers; ``learn_masks`` and ``prune_model`` run one stage each;
-``RNPConfig``, ``DataConfig`` and ``EngineConfig`` are the CLI's settings.
+``RNPConfig``, ``DataConfig`` and ``EngineConfig`` are the CLI's settings, ``Goal`` what its verdict
+calls a success.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PUBLIC = {
     "DataConfig": "rnp_fast.config",
     "EngineConfig": "rnp_fast.config",
     "RNPConfig": "rnp_fast.config",
+    "Goal": "rnp_fast.config",
 }
 
 __all__ = ["__version__", *PUBLIC]

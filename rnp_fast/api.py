@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from rnp_fast.api_checks import check_python_inputs
-from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
+from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, Goal, ModelConfig, RNPConfig
 from rnp_fast.defense import DefendJob, Defense, compute_defense, write_results, write_summary
 from rnp_fast.defense_stages import Inputs, load_defense_data, recover_stage, unlearn_stage
 from rnp_fast.device import resolve_device
@@ -38,6 +38,7 @@ from rnp_fast.outputs import DEFENSE_RUN, RunDirectory
 from rnp_fast.prune import Channel, lowest_step, prune_, rank_channels, single_threshold_step
 from rnp_fast.report import check_every_channel_listed, check_mask_value
 from rnp_fast.resolved import ModelFactory, ResolvedRun, resolve_run
+from rnp_fast.rule_power import check_rule_images
 from rnp_fast.runlog import RunLog
 
 RESOLVED_BEFORE = [0]  # runs this process has resolved through the API
@@ -49,8 +50,10 @@ class ScoredStep:
 
     label: float  # the threshold (or the channel count with pruning_by="number")
     pruned: list[tuple[str, int]]  # (BatchNorm layer name, channel index), lowest mask first
-    metrics: Metrics  # NaN where the test set it needs was not given
+    metrics: Metrics  # NaN where the test set it needs was not given; metrics.estimate(name): n, interval
     holdout_acc: float  # clean accuracy on the held-out defense images (the threshold rule's data)
+    holdout_acc_n: int = 0  # the held-out images
+    holdout_acc_ci95: tuple[float, float] | None = None  # its 95 % Wilson interval
 
 
 Step = ScoredStep  # its name in rnp_fast 0.1.0
@@ -88,6 +91,7 @@ def defend(
     rnp: RNPConfig | None = None,
     data: DataConfig | None = None,
     engine: EngineConfig | None = None,
+    success: Goal | None = None,
 ) -> DefenseResult:
     """Reconstructive Neuron Pruning of ``model`` (left unchanged), as ``rnp-fast defend`` runs it.
 
@@ -96,10 +100,16 @@ def defend(
     test: the clean test set (clean accuracy per step); poisoned: triggered test images with the
     attack's labels, optionally their true labels third (ASR, robust accuracy);
     rnp, engine: as the CLI's flags; data: batch sizes, augmentation, hold-out and seed (its
-    ``ratio`` draws a subset of ``defense``; default here 1.0, all of it).
+    ``ratio`` draws a subset of ``defense``; default here 1.0, all of it);
+    success: what the verdict (``summary["verdict"]``) calls a success, as ``--success-asr`` and
+    ``--success-clean-drop`` (default `Goal()`); it needs ``test`` and ``poisoned`` to judge by.
     """
     started = time.perf_counter()
+    if success is not None and (test is None or poisoned is None):
+        raise UserError("success needs test and poisoned: without both test sets there is no verdict to give")
     job, run = python_run(model, defense, mean, std, test, poisoned, rnp, data, engine)
+    if success is not None:
+        job = replace(job, goal=success)
     log = RunLog(None, job.engine.quiet, keep=True)
     inputs = Inputs(run.new_model())
     computed = compute_defense(job, run, inputs, log=log, started=started)
@@ -130,7 +140,7 @@ def learn_masks(
     """RNP's first two stages alone: unlearn a copy of ``model`` on ``defense``, then recover the
     masks; returns {BatchNorm layer name: mask value per channel}. Arguments as for `defend`."""
     started = time.perf_counter()
-    job, run = python_run(model, defense, mean, std, None, None, rnp, data, engine)
+    job, run = python_run(model, defense, mean, std, None, None, rnp, data, engine, chooses=False)
     log, inputs = RunLog(None, job.engine.quiet), Inputs(run.new_model())
     loaded = load_defense_data(job, run, None, log, started)
     unlearned = unlearn_stage(job, run, inputs, loaded, log)
@@ -155,8 +165,11 @@ def prune_model(
 # -- from the caller's objects to a resolved run ----------------------------------------------
 
 
-def python_run(model, defense, mean, std, test, poisoned, rnp, data, engine) -> tuple[DefendJob, ResolvedRun]:
-    """The job and resolved run of a defense of Python objects (checked before any work)."""
+def python_run(
+    model, defense, mean, std, test, poisoned, rnp, data, engine, chooses: bool = True
+) -> tuple[DefendJob, ResolvedRun]:
+    """The job and resolved run of a defense of Python objects (checked before any work);
+    ``chooses``: the threshold rule will choose (`learn_masks` stops before it)."""
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_maskable(model)
@@ -175,6 +188,8 @@ def python_run(model, defense, mean, std, test, poisoned, rnp, data, engine) -> 
     train = image_set(defense, len(mean), "defense")
     tests = caller_test_sets(test, poisoned, train, mean, std, resolve_device(job.engine.device))
     check_python_inputs(model, train, tests, mean, std)  # the model's device, forward and labels (api_checks)
+    if chooses:
+        check_rule_images(len(train), job.data, job.rnp)  # the threshold rule's images, as the CLI checks them
     # The source's test split is never read when the test sets are given; it holds the caller's clean set.
     source = DataSource("python", train, tests.clean, class_count(train, tests), mean, std)
     build = copies_of(model)
@@ -250,7 +265,9 @@ def channels_of(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[Channe
 
 def steps_of(computed: Defense) -> list[ScoredStep]:
     pruning = computed.pruning
-    return [
-        ScoredStep(step.label, [(c.layer, c.index) for c in step.channels], metrics, holdout)
-        for step, metrics, holdout in zip(pruning.steps, pruning.metrics, pruning.holdout.per_step, strict=True)
-    ]
+    steps = []
+    for number, (step, metrics) in enumerate(zip(pruning.steps, pruning.metrics, strict=True)):
+        held = pruning.holdout.estimate(number)
+        pruned = [(c.layer, c.index) for c in step.channels]
+        steps.append(ScoredStep(step.label, pruned, metrics, pruning.holdout.per_step[number], held.n, held.ci95))
+    return steps

@@ -113,15 +113,19 @@ def load_model_weights(model: nn.Module, path: str | Path, arch: str) -> nn.Modu
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file; a failed write (a full disk) raises the OSError it is, not safetensors' own type."""
+    """A safetensors file, created by Python's open() so that it honours the umask like every other
+    file of a run (safetensors' own save_file writes a private temporary file and renames it: 0600);
+    a failed write (a full disk) raises the OSError it is."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
     try:
-        save_file(tensors, str(path), metadata=metadata)
+        data = save(tensors, metadata=metadata)
     except SafetensorError as error:
         raise as_os_error(error, path) from None
+    with open(path, "wb") as handle:
+        handle.write(data)
 
 
 def as_os_error(error: Exception, path: Path) -> OSError:

@@ -8,7 +8,6 @@ writing, one line), 2 bad input (one line on stderr, nothing written), 130 inter
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sqlite3
 import sys
@@ -26,6 +25,7 @@ from rnp_fast.config import (
     BenchConfig,
     DataConfig,
     EngineConfig,
+    Goal,
     ModelConfig,
     RNPConfig,
     SweepRunConfig,
@@ -35,6 +35,7 @@ from rnp_fast.config import (
     require_count,
 )
 from rnp_fast.errors import UserError, one_line
+from rnp_fast.rule_power import check_known_dataset
 
 REQUIRED = {"store"}  # fields whose flag must be given
 
@@ -60,7 +61,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip=(), only=None) -
         default = f.default if f.default is not MISSING else None
         help_text = f.metadata.get("help", "")
         if "default:" not in help_text:
-            help_text += f" (default: {'auto' if default is None else default})"
+            help_text += f" (default: {shown_default(f, default)})"
         options = {"dest": f.name, "default": default, "help": help_text}
         if f.name in REQUIRED:
             options.update(required=True, default=MISSING, help=f.metadata.get("help", ""))
@@ -70,6 +71,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip=(), only=None) -
             group.add_argument(*names, action=argparse.BooleanOptionalAction, **options)
         else:
             group.add_argument(*names, **options, **TYPE_OPTIONS[f.type])
+
+
+def shown_default(f, default) -> str:
+    """A default as help shows it: "auto" where the run decides (a bool left to the device),
+    "none" for an empty list or an unset value."""
+    if default is None:
+        return "auto" if f.type == "bool | None" else "none"
+    return "none" if default == [] else str(default)
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -125,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_repeat_flags(parser, first_seed: str = "--seed, --seed + 1, ...") -> None:
     """--repeats: the defense on N defense-data seeds in one process, with a success rate (rnp_fast.repeats)."""
-    group = parser.add_argument_group("repeats")
+    group = parser.add_argument_group("repeats and the verdict")
     group.add_argument(
         "--repeats",
         type=int,
@@ -148,12 +157,17 @@ def add_repeat_flags(parser, first_seed: str = "--seed, --seed + 1, ...") -> Non
         "per core available to this process, fewer if memory is short; on a GPU 1); 1: one after another "
         "in this process, with its torch threads",
     )
-    group.add_argument("--success-asr", type=float, default=0.1, help="a success's largest ASR (default: 0.1)")
+    group.add_argument(
+        "--success-asr",
+        type=float,
+        default=Goal.max_asr,
+        help=f"the verdict's largest ASR after the defense, in [0, 1] (default: {Goal.max_asr})",
+    )
     group.add_argument(
         "--success-clean-drop",
         type=float,
-        default=0.02,
-        help="a success's largest drop of full-test clean accuracy (default: 0.02)",
+        default=Goal.max_clean_drop,
+        help=f"the verdict's largest drop of full-test clean accuracy, >= 0 (default: {Goal.max_clean_drop})",
     )
 
 
@@ -175,11 +189,10 @@ def repeated(job, args) -> dict | None:
     """The repeated defense when --repeats > 1 (None: run the single defense)."""
     if args.repeats == 1:
         return None
-    from rnp_fast.repeats import Goal, format_seed_table, headline, run_repeats
+    from rnp_fast.repeats import format_seed_table, headline, run_repeats
 
     seeds = list(range(job.data.seed, job.data.seed + args.repeats))
-    goal = Goal(args.success_asr, args.success_clean_drop)
-    result = run_repeats(job, seeds, goal, args.repeat_over, args.jobs_per_device)  # None: one per core
+    result = run_repeats(job, seeds, job.goal, args.repeat_over, args.jobs_per_device)  # None: one per core
     if job.engine.quiet:  # else the run's log has just shown both on the terminal
         print(format_seed_table(result), file=sys.stderr)
         print(headline(result), file=sys.stderr)
@@ -219,6 +232,8 @@ def run_defend(args) -> dict:
     check_repeat_flags(args)
     reads = (args.model, args.mask_file, args.unlearned_model, args.data_dir, *attack_param_values(args))
     refuse_output_early(args.out, "defense run", *reads)
+    data, rnp, goal = config_from_args(DataConfig, args), config_from_args(RNPConfig, args), success_goal(args)
+    check_known_dataset(data, rnp)  # before torch is imported, as the output (the defense checks again)
     from rnp_fast.defense import DefendJob, run_defense
 
     job = DefendJob(
@@ -227,13 +242,19 @@ def run_defend(args) -> dict:
         mask_file=args.mask_file,
         unlearned_model=args.unlearned_model,
         model=config_from_args(ModelConfig, args),
-        data=config_from_args(DataConfig, args),
+        data=data,
         attack=config_from_args(AttackConfig, args),
-        rnp=config_from_args(RNPConfig, args),
+        rnp=rnp,
         engine=config_from_args(EngineConfig, args),
+        goal=goal,
     )
     result = repeated(job, args)
     return run_defense(job) if result is None else result
+
+
+def success_goal(args) -> Goal:
+    """--success-asr and --success-clean-drop, checked (one line, exit 2) before any work."""
+    return Goal(args.success_asr, args.success_clean_drop)
 
 
 def run_train(args) -> dict:
@@ -259,11 +280,12 @@ def run_convert(args) -> dict:
 def run_demo(args) -> dict:
     check_repeat_flags(args)
     refuse_output_early(args.out, "defense run")
+    goal = success_goal(args)
     from rnp_fast.demo import demo_job
     from rnp_fast.demo import run_demo as demo
 
-    result = repeated(demo_job(args.out, config_from_args(EngineConfig, args)), args)
-    return demo(args.out, config_from_args(EngineConfig, args)) if result is None else result
+    result = repeated(demo_job(args.out, config_from_args(EngineConfig, args), goal), args)
+    return demo(args.out, config_from_args(EngineConfig, args), goal) if result is None else result
 
 
 def run_sweep_command(args) -> dict:
@@ -348,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
     if summary is not None:
-        print(json.dumps(summary, indent=2, default=str))
+        from rnp_fast.outputs import json_text
+
+        print(json_text(summary), end="")
     if args.command == "sweep" and summary.get("failed"):
         return 1  # scripts must notice: the summary and sweep.log say which jobs failed
     return 0

@@ -71,13 +71,17 @@ class DataConfig:
     )
     data_dir: str | None = doc("the dataset's directory (e.g. holding cifar-10-batches-py)", default=None)
     image_size: int | None = doc(
-        "pixels per side the directory datasets are resized to (32; tiny-imagenet 64)", default=None
+        "pixels per side the directory datasets are resized to (default: 32; tiny-imagenet 64)", default=None
     )
     download: bool = doc("download CIFAR-10 through torchvision when it is missing", default=False)
     ratio: float = doc("fraction of the training set used as defense data", default=0.01)
     holdout: float = doc("fraction of the defense data held out (not trained on) to choose the threshold", default=0.1)
     batch_size: int = doc("batch size of both learning stages", default=128)
-    eval_batch_size: int = doc("batch size for evaluation", default=512)
+    eval_batch_size: int = doc(
+        "images per evaluation forward, at most (default: 512; the CPU evaluates 64 at a time, the log's "
+        "'evaluation batch')",
+        default=512,
+    )
     augment: bool = doc("random crop (4 px padding) and flip on the defense data", default=True)
     shuffle: bool = doc("shuffle the defense data every epoch", default=True)
     seed: int = doc("seed for the defense subset, order and augmentation", default=0, seed=True)
@@ -162,6 +166,11 @@ class RNPConfig:
     pruning_step: float = doc("threshold step (or channel-count step)", default=0.05)
     threshold: float | None = doc("fixed pruning threshold; default: chosen from clean data", default=None)
     tolerance: float = doc("clean-accuracy drop allowed by the threshold rule (held-out data)", default=0.02)
+    allow_small_holdout: bool = doc(
+        "let the threshold rule choose on fewer held-out images than 1 / --tolerance (one image then "
+        "decides the threshold); refused without it",
+        default=False,
+    )
 
     def __post_init__(self):
         self.schedule = tuple(int(m) for m in self.schedule)
@@ -241,6 +250,39 @@ class EngineConfig:
             self.bn_kernel in ("triton", "torch", "auto"),
             f"--bn-kernel must be triton, torch or auto, got {self.bn_kernel!r}",
         )
+
+
+SLACK = 1e-9  # a drop computed as a difference of two float32 accuracies may overshoot its decimal
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What the verdict (`verdict.judge`) counts as a successful defense: ASR after at most
+    ``max_asr`` at a drop of full-test clean accuracy of at most ``max_clean_drop`` (--success-asr,
+    --success-clean-drop; the defaults: ASR <= 0.1 at a drop <= 2 points)."""
+
+    max_asr: float = 0.1
+    max_clean_drop: float = 0.02
+
+    def __post_init__(self):
+        number = (int, float)
+        asr, loss = self.max_asr, self.max_clean_drop
+        require(isinstance(asr, number) and 0 <= asr <= 1, f"--success-asr must be a number in [0, 1], got {asr}")
+        finite = isinstance(loss, number) and math.isfinite(loss) and loss >= 0
+        require(finite, f"--success-clean-drop must be a finite number >= 0, got {loss}")
+
+    def asr_met(self, asr: float) -> bool:
+        return asr <= self.max_asr
+
+    def drop_met(self, clean_drop: float) -> bool:
+        return clean_drop <= self.max_clean_drop + SLACK
+
+    def met(self, before_clean: float, after_clean: float, after_asr: float) -> bool:
+        """Both criteria on bare figures (a point of the schedule's curve)."""
+        return self.asr_met(after_asr) and self.drop_met(before_clean - after_clean)
+
+    def as_dict(self) -> dict:
+        return {"max_asr": self.max_asr, "max_clean_drop": self.max_clean_drop}
 
 
 # The engine fields that training reads too (the rest are the defense's: mode, evaluation, scoring,

@@ -15,6 +15,7 @@ from rnp_fast.config import DataConfig
 from rnp_fast.errors import UserError
 from rnp_fast.loaders.augment import mix_seed
 from rnp_fast.loaders.sources import DataSource, ImageSet
+from rnp_fast.rule_power import defense_sizes
 
 SUBSET_STREAM = 3
 
@@ -37,8 +38,7 @@ class DefenseData:
 
 def defense_data(source: DataSource, config: DataConfig) -> DefenseData:
     total = len(source.train)
-    count = round(config.ratio * total)
-    held = round(config.holdout * count)
+    count, held = defense_sizes(total, config.ratio, config.holdout)  # the sizes the rule's check counted
     if count < 2:
         raise UserError(
             f"--ratio {config.ratio} of {total} training images gives {count} defense images; need at least 2"

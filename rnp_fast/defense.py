@@ -16,6 +16,7 @@ separately, as the reference does.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from torch import nn
 
 from rnp_fast import __version__
 from rnp_fast.checkpoint import save_reference_checkpoint, save_safetensors
-from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig, to_dict
+from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, Goal, ModelConfig, RNPConfig, to_dict
 from rnp_fast.defense_stages import (
     Before,
     Inputs,
@@ -46,14 +47,17 @@ from rnp_fast.defense_stages import (
 )
 from rnp_fast.device import describe_device
 from rnp_fast.diagnostics import TargetReport, target_diagnostics, write_diagnostics
-from rnp_fast.evaluation.metrics import defense_effectiveness
+from rnp_fast.evaluation.intervals import Estimate
+from rnp_fast.evaluation.metrics import Metrics, defense_effectiveness, drop
 from rnp_fast.loaders.sources import DataSource
 from rnp_fast.outputs import DEFENSE_RUN, RunDirectory, vet_output
 from rnp_fast.provenance import provenance
 from rnp_fast.prune import Channel, PruneStep, batchnorm_sizes
 from rnp_fast.report import format_mask_values, format_pruning_csv, format_pruning_table, plot_pruning, read_mask_file
 from rnp_fast.resolved import ResolvedRun, resolve_run
+from rnp_fast.rule_power import check_rule_images
 from rnp_fast.runlog import RunLog
+from rnp_fast.verdict import Verdict, judge, unjudged
 
 
 @dataclass
@@ -67,6 +71,7 @@ class DefendJob:
     engine: EngineConfig = field(default_factory=EngineConfig)
     mask_file: str | None = None
     unlearned_model: str | None = None
+    goal: Goal = field(default_factory=Goal)  # what the verdict calls a success (--success-asr, ...)
 
     def reads(self) -> list[str | None]:
         """Every file or folder the defense reads: an output directory must not hold any of them."""
@@ -109,6 +114,7 @@ def compute_defense(
     ``log``: default a quiet one in memory; ``started``: what the timings count from (default now)."""
     log = log or RunLog(None, quiet=True)
     started = time.perf_counter() if started is None else started
+    check_rule_images(len(run.source.train), job.data, job.rnp)  # the data read; the CLI checked known sizes earlier
     log_setup(log, job, run)
     loaded = load_defense_data(job, run, seed, log, started, order_seed)
     before = reference_before(job, run, inputs.backdoored, log)
@@ -156,6 +162,11 @@ class Defense:
         return self.recovered.channels
 
     @property
+    def verdict(self) -> Verdict | None:
+        """Success or not at ``job.goal`` (None: a test set it needs was not given)."""
+        return judge(self.pruning.before, self.pruning.after, self.job.goal)
+
+    @property
     def timings(self) -> Timings:
         return Timings.of(self.loaded, self.before, self.unlearned, self.recovered, self.pruning)
 
@@ -190,9 +201,7 @@ def write_outputs(
     by = job.rnp.pruning_by
     out.write_text(f"pruning_by_{by}.txt", format_pruning_table(pruning.steps, pruning.metrics, by))
     per_class = diagnostics.per_step if diagnostics else None
-    out.write_text(
-        "pruning.csv", format_pruning_csv(pruning.steps, pruning.metrics, pruning.holdout.per_step, per_class)
-    )
+    out.write_text("pruning.csv", format_pruning_csv(pruning.steps, pruning.metrics, pruning.holdout, per_class))
     if diagnostics is not None:
         write_diagnostics(out, diagnostics, pruning.steps, pruning.choice.index, by)
     plot_pruning(out.path("pruning.png"), pruning.steps, pruning.metrics, by, pruning.choice.index)
@@ -215,21 +224,20 @@ def make_summary(defense: Defense, total: float) -> dict:
     job, pruning, unlearned = defense.job, defense.pruning, defense.unlearned
     before, after, chosen = pruning.before, pruning.after, pruning.chosen
     by_threshold = job.rnp.pruning_by == "threshold"
+    verdict = defense.verdict
     return {
-        "clean_acc_before": before.clean_acc,
-        "asr_before": before.asr,
-        "clean_acc_after": after.clean_acc,
-        "asr_after": after.asr,
-        "clean_acc_full_before": before.clean_acc_full,
-        "clean_acc_full_after": after.clean_acc_full,
-        "robust_acc_before": before.robust_acc,
-        "robust_acc_after": after.robust_acc,
-        "der": defense_effectiveness(before, after),
+        **figures(before, after),
+        **der_fields(before, after),
         "threshold": chosen.label if chosen and by_threshold else job.rnp.threshold,
         "pruned": chosen.count if chosen else 0,
         "pruning_by": job.rnp.pruning_by,
         "rule": pruning.choice.rule,
         "rule_data": None if job.rnp.threshold is not None else defense.loaded.data.rule_data,
+        **pruning.holdout.estimate().fields("holdout_acc_before"),
+        **holdout_after(pruning).fields("holdout_acc_after"),
+        "rule_warning": pruning.choice.warning,
+        "verdict": verdict.as_dict() if verdict else None,
+        **({} if verdict else {"verdict_reason": unjudged(before, after)}),
         "unlearning_stop_epoch": unlearned.stop_epoch,
         "unlearning_reached_threshold": unlearned.reached_threshold,
         "unlearning_diverged_epoch": unlearned.diverged_epoch,
@@ -239,6 +247,40 @@ def make_summary(defense: Defense, total: float) -> dict:
         "mode": job.engine.mode,
         "device": describe_device(defense.run.device),
     }
+
+
+SUMMARY_FIGURES = ("clean_acc", "asr", "clean_acc_full", "robust_acc")  # summary.json's order: before, after
+
+
+def figures(before: Metrics, after: Metrics) -> dict:
+    """Every figure before and after with its n and 95 % interval beside it (``clean_acc_before``
+    keeps its name and value, ``clean_acc_before_n`` and ``clean_acc_before_ci95`` join it), then
+    the two clean drops (before - after) with their paired intervals."""
+    fields = {}
+    for name in SUMMARY_FIGURES:
+        for when, metrics in (("before", before), ("after", after)):
+            fields.update(metrics.estimate(name).fields(f"{name}_{when}"))
+    fields.update(drop(before, after, "clean_acc_full").fields("clean_acc_full_drop"))
+    fields.update(drop(before, after, "clean_acc").fields("clean_acc_drop"))
+    return fields
+
+
+def der_fields(before: Metrics, after: Metrics) -> dict:
+    """DER, or null with the reason where a figure it needs was not measured."""
+    if all(math.isfinite(m.asr) and math.isfinite(m.clean_acc_full) for m in (before, after)):
+        return {"der": defense_effectiveness(before, after)}
+    return {"der": None, "der_reason": "needs the ASR and the full-test clean accuracy before and after"}
+
+
+def holdout_after(pruning: Pruning) -> Estimate:
+    """The chosen step's accuracy on the rule's images (the unpruned model's when nothing was
+    pruned; not measured with a fixed --threshold, which is not a step of the schedule)."""
+    index = pruning.choice.index
+    if pruning.chosen is None:
+        return pruning.holdout.estimate()
+    if index is None:
+        return Estimate(None, 0, None, "a fixed --threshold is not scored on the rule's images")
+    return pruning.holdout.estimate(index)
 
 
 def engine_summary(run: ResolvedRun, compile_warm: bool) -> dict:

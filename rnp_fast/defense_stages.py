@@ -18,16 +18,18 @@ from torch import nn
 
 from rnp_fast.data import DefenseData, defense_data
 from rnp_fast.errors import UserError
-from rnp_fast.evaluation.metrics import Metrics
+from rnp_fast.evaluation.metrics import Metrics, drop
 from rnp_fast.evaluation.scoring import HoldoutScores, holdout_accuracies, score_steps
 from rnp_fast.masked_batchnorm import MaskedBatchNorm2d
 from rnp_fast.prune import Channel, PruneStep, prune_, rank_channels, schedule, single_threshold_step
 from rnp_fast.recover import recover
 from rnp_fast.report import EPOCH_HEADER, epoch_row
 from rnp_fast.resolved import ResolvedRun
+from rnp_fast.rule_power import rule_warning
 from rnp_fast.runlog import RunLog
 from rnp_fast.select import Choice, choose_step
 from rnp_fast.unlearn import unlearn
+from rnp_fast.verdict import judge, unjudged
 
 UNPRUNED = PruneStep(label=float("nan"), count=0, channels=[])
 
@@ -183,7 +185,7 @@ def reference_before(job, run: ResolvedRun, backdoored: nn.Module, log: RunLog) 
     tick = time.perf_counter()
     before = run.evaluator()(backdoored)
     seconds = time.perf_counter() - tick
-    log.info(f"before defense: clean {before.clean_acc:.4f}, ASR {before.asr:.4f}")
+    log.info(f"before defense: {figures_text(before)}")
     return Before(before, seconds)
 
 
@@ -256,8 +258,9 @@ def choose(job, candidates: Candidates) -> Chosen:
         step = single_threshold_step(candidates.ranked, job.rnp.threshold)
         return Chosen(Choice(None, f"fixed --threshold {job.rnp.threshold}"), step)
     labels = [step.label for step in candidates.steps]
-    holdout = candidates.holdout
-    choice = choose_step(holdout.per_step, holdout.base, job.rnp.tolerance, labels, candidates.rule_data)
+    holdout, tolerance = candidates.holdout, job.rnp.tolerance
+    choice = choose_step(holdout.per_step, holdout.base, tolerance, labels, candidates.rule_data, holdout.n)
+    choice.warning = rule_warning(holdout.estimate(), tolerance, candidates.rule_data)
     return Chosen(choice, candidates.steps[choice.index] if choice.index is not None else None)
 
 
@@ -287,16 +290,38 @@ def separate_after(run: ResolvedRun, backdoored: nn.Module, chosen: PruneStep | 
 
 
 def log_pruning(job, candidates: Candidates, metrics, chosen: Chosen, before: Metrics, after: Metrics, log) -> None:
+    counts = f"{before.estimate('asr').n} triggered and {before.estimate('clean_acc').n} non-target clean test images"
+    log.info(f"every step scored on {counts} (95 % intervals in brackets)")
     for step, metric in zip(candidates.steps, metrics, strict=True):
-        log.info(f"{step.label:.4g} \t pruned {step.count} \t ASR {metric.asr:.4f} \t clean {metric.clean_acc:.4f}")
+        asr, clean = metric.estimate("asr"), metric.estimate("clean_acc")
+        log.info(
+            f"{step.label:.4g} \t pruned {step.count} \t ASR {metric.asr:.4f} {interval(asr)} \t "
+            f"clean {metric.clean_acc:.4f} {interval(clean)}"
+        )
     if job.rnp.threshold is None and candidates.rule_data == "training images":
         log.info(
             "WARNING: no defense images are held out (--holdout), so the threshold is chosen on the training images"
         )
     log.info(f"threshold rule: {chosen.choice.rule}")
-    log.info(f"before defense: clean {before.clean_acc:.4f}, ASR {before.asr:.4f}")
+    if chosen.choice.warning:
+        log.info(f"WARNING: {chosen.choice.warning}")
+    log.info(f"before defense: {figures_text(before)}")
     count = chosen.step.count if chosen.step else 0
-    log.info(f"after defense: clean {after.clean_acc:.4f}, ASR {after.asr:.4f}, {count} pruned")
+    log.info(f"after defense: {figures_text(after)}, {count} pruned")
+    full, nontarget = drop(before, after, "clean_acc_full"), drop(before, after, "clean_acc")
+    log.info(f"clean drop: full test {full.text(2, 100, ' points')}, non-target {nontarget.text(2, 100, ' points')}")
+    verdict = judge(before, after, job.goal)
+    log.info(f"verdict: {verdict.describe() if verdict else unjudged(before, after)}")
+
+
+def interval(estimate) -> str:
+    return "" if estimate.ci95 is None else f"[{estimate.ci95[0]:.3f}, {estimate.ci95[1]:.3f}]"
+
+
+def figures_text(metrics: Metrics) -> str:
+    """Clean accuracy (non-target, then all classes) and ASR with their intervals and counts."""
+    clean, full, asr = (metrics.estimate(name) for name in ("clean_acc", "clean_acc_full", "asr"))
+    return f"clean {clean.text()} (all classes {full.text()}), ASR {asr.text()}"
 
 
 def purify(backdoored: nn.Module, chosen: PruneStep | None) -> nn.Module:

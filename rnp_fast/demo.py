@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
+from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, Goal, ModelConfig, RNPConfig
 
 CHECKPOINT = "demo_badnets_digits_resnet18w025.safetensors"
 
@@ -38,8 +38,9 @@ def demo_checkpoint() -> str:
     return str(resources.files("rnp_fast") / "assets" / CHECKPOINT)
 
 
-def demo_job(out: str, engine: EngineConfig | None = None):
-    """The demo's defense, with the caller's engine settings (default: EngineConfig())."""
+def demo_job(out: str, engine: EngineConfig | None = None, goal: Goal | None = None):
+    """The demo's defense, with the caller's engine settings (default: EngineConfig()) and the
+    verdict's goal (default: Goal())."""
     from rnp_fast.defense import DefendJob
 
     return DefendJob(
@@ -50,10 +51,11 @@ def demo_job(out: str, engine: EngineConfig | None = None):
         attack=AttackConfig(attack="badnets", label_mode="all2one", target=0),
         rnp=RNPConfig(**DEMO_RNP),
         engine=engine or EngineConfig(),
+        goal=goal or Goal(),
     )
 
 
-def run_demo(out: str, engine: EngineConfig | None = None) -> dict:
+def run_demo(out: str, engine: EngineConfig | None = None, goal: Goal | None = None) -> dict:
     from rnp_fast.defense import run_defense
 
-    return run_defense(demo_job(out, engine))
+    return run_defense(demo_job(out, engine, goal))

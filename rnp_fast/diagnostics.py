@@ -14,7 +14,8 @@ Two things a defender can see without a single triggered image:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -86,15 +87,27 @@ class TargetReport:
     histogram: ClassHistogram | None  # None: no unlearning ran (masks were given)
     base: list[float]  # the unpruned model's held-out accuracy per class
     per_step: list[list[float]]  # per pruning step, per class
+    per_class_n: list[int] = field(default_factory=list)  # held-out images of each class
 
     def as_dict(self, labels: list[float]) -> dict:
+        """The JSON of diagnostics.json: a class without held-out images has accuracy null (JSON
+        has no NaN), its count 0 saying why."""
+        histogram = self.histogram.as_dict() if self.histogram else None
+        if histogram is not None and not self.histogram.total:
+            histogram["suspected_target_share"] = None
         return {
-            "unlearned_prediction_histogram": self.histogram.as_dict() if self.histogram else None,
-            "holdout_acc_per_class_unpruned": self.base,
+            "unlearned_prediction_histogram": histogram,
+            "holdout_images_per_class": self.per_class_n,
+            "holdout_acc_per_class_unpruned": finite_or_none(self.base),
             "holdout_acc_per_class": [
-                {"label": label, "per_class": row} for label, row in zip(labels, self.per_step, strict=True)
+                {"label": label, "per_class": finite_or_none(row)}
+                for label, row in zip(labels, self.per_step, strict=True)
             ],
         }
+
+
+def finite_or_none(values: list[float]) -> list[float | None]:
+    return [value if math.isfinite(value) else None for value in values]
 
 
 def target_report(defense) -> TargetReport:
@@ -107,7 +120,7 @@ def target_report(defense) -> TargetReport:
     if unlearned is not None:
         histogram = predicted_class_histogram(unlearned, images, run.source.mean, run.source.std, run.num_classes)
     holdout = defense.pruning.holdout
-    return TargetReport(histogram, holdout.base_per_class, holdout.per_step_per_class)
+    return TargetReport(histogram, holdout.base_per_class, holdout.per_step_per_class, holdout.per_class_n)
 
 
 def plot_per_class(path, labels: list[float], report: TargetReport, chosen: int | None, by: str) -> None:
@@ -160,8 +173,12 @@ def target_diagnostics(defense, log) -> TargetReport:
     if index is not None:
         drops = [base - after for base, after in zip(report.base, report.per_step[index], strict=True)]
         worst = max(range(len(drops)), key=lambda c: drops[c] if drops[c] == drops[c] else float("-inf"))
-        log.info(
-            f"at the chosen step, class {worst}'s held-out accuracy changed most: "
-            f"{report.base[worst]:.3f} -> {report.per_step[index][worst]:.3f} (per class: diagnostics.json)"
-        )
+        if drops[worst] > 0:  # a line only for a change: "1.000 -> 1.000" said nothing
+            counts = f" of {report.per_class_n[worst]} images" if report.per_class_n else ""
+            log.info(
+                f"at the chosen step, class {worst}'s held-out accuracy fell most: "
+                f"{report.base[worst]:.3f} -> {report.per_step[index][worst]:.3f}{counts} (per class: diagnostics.json)"
+            )
+        else:
+            log.info("at the chosen step no class's held-out accuracy fell (per class: diagnostics.json)")
     return report

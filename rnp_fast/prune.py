@@ -5,12 +5,14 @@ order of ``mask_values.txt``. Pruning a channel sets gamma to 0 in the ORIGINAL 
 keeps beta, so the channel outputs a constant. Two schedules:
 
 - by threshold t = 0, step, 2*step, ... <= max: prune every channel whose mask <= t (cumulative);
+  each t is the decimal i * step names (0.15, not the float product 0.15000000000000002);
 - by number N = step, 2*step, ... <= max: prune the N lowest channels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from decimal import Decimal
 
 import torch
 from torch import nn
@@ -34,6 +36,9 @@ class PruneStep:
     # (its loop stops at the first mask above the threshold and reports it), as its published
     # pruning_by_threshold.txt shows for all 19 rows.
     boundary: Channel | None = None
+    # The threshold as the reference's table prints it: its float product i * step (0.15000000000000002
+    # where the label is 0.15); None: print the label. Only pruning_by_threshold.txt shows it.
+    reference_label: float | None = None
 
     @property
     def last(self) -> Channel | None:
@@ -46,14 +51,21 @@ def rank_channels(channels: list[Channel]) -> list[Channel]:
 
 
 def thresholds(maximum: float, step: float) -> list[float]:
-    """0, step, 2*step, ... up to ``maximum``; i * step, so 3 * 0.05 prints 0.15000000000000002
-    exactly as the reference's table does."""
-    count = int(round(maximum / step + 1e-9))
-    return [i * step for i in range(count + 1)]
+    """0, step, 2*step, ... up to ``maximum``, each the decimal it names: i * step counted in
+    decimal arithmetic from the numbers as written (3 * 0.05 is 0.15). The reference multiplies
+    floats (0.15000000000000002); `reference_thresholds` gives its values for its table."""
+    last, size = Decimal(repr(maximum)), Decimal(repr(step))
+    return [float(i * size) for i in range(int(last / size) + 1)]
+
+
+def reference_thresholds(maximum: float, step: float) -> list[float]:
+    """The reference's float products i * step of the same schedule, as its table prints them."""
+    return [i * step for i in range(len(thresholds(maximum, step)))]
 
 
 def threshold_schedule(ranked: list[Channel], maximum: float, step: float) -> list[PruneStep]:
-    return threshold_steps(ranked, thresholds(maximum, step))
+    steps = threshold_steps(ranked, thresholds(maximum, step))
+    return [replace(s, reference_label=r) for s, r in zip(steps, reference_thresholds(maximum, step), strict=True)]
 
 
 def threshold_steps(ranked: list[Channel], levels: list[float]) -> list[PruneStep]:

@@ -12,7 +12,8 @@ states the processes and threads that ran. Per seed and in aggregate:
 
 - ASR and clean accuracy (non-target and full test set) after pruning at the rule's threshold;
 - success: ASR <= ``Goal.max_asr`` at a full-test clean drop <= ``Goal.max_clean_drop`` (also on
-  non-target clean accuracy), and the success rate over the seeds with its spread;
+  non-target clean accuracy), the verdict a single defense gives (`verdict.judge`), and the success
+  rate over the seeds with its 95 % Wilson interval;
 - whether ANY threshold of the schedule would have succeeded (the ranking found the backdoor, the
   clean-data rule did not pick it), which needs the poisoned test set and so is an analysis, not a
   choice a defender can make.
@@ -28,20 +29,12 @@ import csv
 import io
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from rnp_fast.evaluation.metrics import Metrics
-
-
-@dataclass(frozen=True)
-class Goal:
-    """What counts as a successful defense (the issue's: ASR <= 0.1 at a clean drop <= 2 points)."""
-
-    max_asr: float = 0.1
-    max_clean_drop: float = 0.02
-
-    def met(self, before_clean: float, after_clean: float, after_asr: float) -> bool:
-        return after_asr <= self.max_asr and before_clean - after_clean <= self.max_clean_drop + 1e-9
+from rnp_fast.config import Goal
+from rnp_fast.evaluation.intervals import wilson
+from rnp_fast.evaluation.metrics import Metrics, drop
+from rnp_fast.verdict import judge
 
 
 @dataclass(frozen=True)
@@ -68,15 +61,20 @@ class SeedOutcome:
     seconds: float | None = None  # this seed's defense, wall time (data to purified model)
 
     def success(self, goal: Goal) -> bool:
-        return goal.met(self.before.clean_acc_full, self.after.clean_acc_full, self.after.asr)
+        verdict = judge(self.before, self.after, goal)
+        return verdict is not None and verdict.success
 
     def success_nontarget(self, goal: Goal) -> bool:
-        return goal.met(self.before.clean_acc, self.after.clean_acc, self.after.asr)
+        verdict = judge(self.before, self.after, goal, full=False)
+        return verdict is not None and verdict.success
 
     def any_threshold(self, goal: Goal) -> bool:
         return any(goal.met(self.before.clean_acc_full, p.clean_acc_full, p.asr) for p in self.curve)
 
     def row(self, goal: Goal) -> dict:
+        """The seed's figures (the names of rnp_fast 0.1.0 first, then each figure's n and 95 %
+        interval, and which criterion of the verdict failed)."""
+        verdict = judge(self.before, self.after, goal)
         return {
             "seed": self.seed,
             "threshold": self.threshold,
@@ -93,7 +91,19 @@ class SeedOutcome:
             "any_threshold_succeeds": self.any_threshold(goal),
             "collapse_class": self.collapse_class,
             "seconds": self.seconds,
+            **self.intervals(),
+            "failed": " and ".join(verdict.failed) if verdict else None,
         }
+
+    def intervals(self) -> dict:
+        """``NAME_n`` and ``NAME_ci95`` of every figure of the row (the drop's paired)."""
+        fields = {}
+        for name in ("asr", "clean_acc", "clean_acc_full"):
+            for when, metrics in (("before", self.before), ("after", self.after)):
+                estimate = metrics.estimate(name)
+                fields.update({f"{name}_{when}_n": estimate.n, f"{name}_{when}_ci95": estimate.ci95})
+        loss = drop(self.before, self.after)
+        return {**fields, "clean_full_drop_n": loss.n, "clean_full_drop_ci95": loss.ci95}
 
 
 def outcome_of(seed: int, pruning, collapse_class: int | None = None, seconds: float | None = None) -> SeedOutcome:
@@ -127,9 +137,12 @@ def spread(values: list[float]) -> dict:
 
 
 def rate(flags: list[bool]) -> dict:
-    """A success rate with its binomial standard error (the seed-to-seed spread of a rate)."""
-    p = sum(flags) / len(flags)
-    return {"rate": p, "count": sum(flags), "of": len(flags), "std_error": math.sqrt(p * (1 - p) / len(flags))}
+    """A success rate with its 95 % Wilson interval (``std_error``, the binomial standard error, is
+    kept for rnp_fast 0.1.0's readers: it is 0 at 0 of N, where the interval is not)."""
+    p, count = sum(flags) / len(flags), sum(flags)
+    interval = list(wilson(count, len(flags)))
+    std_error = math.sqrt(p * (1 - p) / len(flags))
+    return {"rate": p, "count": count, "of": len(flags), "std_error": std_error, "ci95": interval}
 
 
 def aggregate(outcomes: list[SeedOutcome], goal: Goal) -> dict:
@@ -138,7 +151,7 @@ def aggregate(outcomes: list[SeedOutcome], goal: Goal) -> dict:
         raise ValueError("no seeds to aggregate")
     rows = [o.row(goal) for o in outcomes]
     return {
-        "goal": asdict(goal),
+        "goal": goal.as_dict(),
         "seeds": [o.seed for o in outcomes],
         "success": rate([r["success"] for r in rows]),
         "success_nontarget": rate([r["success_nontarget"] for r in rows]),
@@ -156,9 +169,10 @@ def aggregate(outcomes: list[SeedOutcome], goal: Goal) -> dict:
 def headline(result: dict) -> str:
     """One line a user reads first."""
     goal, success = result["goal"], result["success"]
+    lo, hi = success["ci95"]
     return (
         f"success (ASR <= {goal['max_asr']:g}, clean drop <= {goal['max_clean_drop'] * 100:g} points) on "
-        f"{success['count']} of {success['of']} seeds ({success['rate']:.0%} +- {success['std_error']:.0%}); "
+        f"{success['count']} of {success['of']} seeds ({success['rate']:.0%}, 95 % interval {lo:.0%}-{hi:.0%}); "
         f"on non-target clean accuracy {result['success_nontarget']['count']} of {success['of']}; "
         f"some threshold of the schedule would have succeeded on {result['any_threshold_succeeds']['count']}; "
         f"ASR after {result['asr_after']['mean']:.3f} +- {result['asr_after']['std']:.3f}"
@@ -184,12 +198,24 @@ def format_seed_table(result: dict) -> str:
 
 
 def format_seeds_csv(result: dict) -> str:
-    rows = result["per_seed"]
+    """One row per seed; an interval is two columns, ``NAME_ci95_lo`` and ``NAME_ci95_hi``."""
+    rows = [csv_row(row) for row in result["per_seed"]]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def csv_row(row: dict) -> dict:
+    cells = {}
+    for name, value in row.items():
+        if name.endswith("_ci95"):
+            lo, hi = value if value is not None else ("", "")
+            cells.update({f"{name}_lo": lo, f"{name}_hi": hi})
+        else:
+            cells[name] = value
+    return cells
 
 
 def plot_tradeoff(path, outcomes: list[SeedOutcome], goal: Goal) -> None:

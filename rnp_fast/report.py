@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 
 from rnp_fast.errors import UserError
-from rnp_fast.evaluation.metrics import Metrics
+from rnp_fast.evaluation.intervals import Estimate
+from rnp_fast.evaluation.metrics import FIGURES, PROPORTIONS, Metrics
+from rnp_fast.evaluation.scoring import HoldoutScores
 from rnp_fast.prune import Channel, PruneStep
 
 MASK_HEADER = "No \t Layer Name \t Neuron Idx \t Mask Score \n"
@@ -105,11 +108,13 @@ def read_mask_file(path: str | Path, sizes: dict[str, int] | None = None) -> lis
 
 def pruning_row(step: PruneStep, metrics: Metrics, by: str) -> str:
     # By threshold the reference names the first channel left unpruned, prints the count with two
-    # decimals and the raw float threshold; by number we name the last channel pruned and its mask.
+    # decimals and its raw float threshold (i * step); by number we name the last channel pruned
+    # and its mask.
     named = step.boundary if by == "threshold" else step.last
     layer, index = (named.layer, named.index) if named else ("None", "None")
     count = f"{step.count:.2f}" if by == "threshold" else f"{step.count}"
-    label = repr(step.label) if by == "threshold" else f"{named.value:.4f}" if named else "None"
+    threshold = step.label if step.reference_label is None else step.reference_label
+    label = repr(threshold) if by == "threshold" else f"{named.value:.4f}" if named else "None"
     return (
         f"{count} \t {layer} \t {index} \t {label} \t {metrics.poison_loss:.4f} \t {metrics.asr:.4f}"
         f" \t {metrics.clean_loss:.4f} \t {metrics.clean_acc:.4f}\n"
@@ -123,24 +128,45 @@ def format_pruning_table(steps: list[PruneStep], metrics: list[Metrics], by: str
 def format_pruning_csv(
     steps: list[PruneStep],
     metrics: list[Metrics],
-    holdout_accs: list[float],
+    holdout: HoldoutScores,
     per_class: list[list[float]] | None = None,
 ) -> str:
-    """One row per step; ``per_class`` (per step, the held-out accuracy of every class: see
-    `diagnostics`) adds the columns ``holdout_acc_class_0``, ... so a user sees which class a
-    threshold hurts."""
+    """One row per step: every metric, the held-out accuracy, and (at the end, so the columns
+    before keep their places) each proportion's number of images and 95 % interval
+    (``asr_n``, ``asr_ci95_lo``, ``asr_ci95_hi``, ...; `Metrics.estimate`). ``per_class`` (per step,
+    the held-out accuracy of every class: see `diagnostics`) adds the columns
+    ``holdout_acc_class_0``, ... so a user sees which class a threshold hurts."""
     buffer = io.StringIO()
-    names = list(Metrics.__dataclass_fields__)
+    names = list(FIGURES)
     classes = len(per_class[0]) if per_class else 0
     writer = csv.writer(buffer, lineterminator="\n")
     class_columns = [f"holdout_acc_class_{c}" for c in range(classes)]
-    writer.writerow(["step", "label", "pruned", *names, "holdout_acc", *class_columns])
+    counted = [*PROPORTIONS, "holdout_acc"]
+    interval_columns = [f"{name}_{part}" for name in counted for part in ("n", "ci95_lo", "ci95_hi")]
+    writer.writerow(["step", "label", "pruned", *names, "holdout_acc", *class_columns, *interval_columns])
     rows = per_class or [[] for _ in steps]
-    for number, (step, metric, holdout, by_class) in enumerate(zip(steps, metrics, holdout_accs, rows, strict=True)):
+    for number, (step, metric, by_class) in enumerate(zip(steps, metrics, rows, strict=True)):
         values = metric.as_dict()
-        cells = [*(f"{values[n]:.6f}" for n in names), f"{holdout:.6f}", *(f"{a:.6f}" for a in by_class)]
+        estimates = [*(metric.estimate(name) for name in PROPORTIONS), holdout.estimate(number)]
+        cells = [
+            *(decimal_cell(values[n]) for n in names),
+            decimal_cell(holdout.per_step[number]),
+            *(decimal_cell(a) for a in by_class),
+            *(cell for estimate in estimates for cell in interval_cells(estimate)),
+        ]
         writer.writerow([number, step.label, step.count, *cells])
     return buffer.getvalue()
+
+
+def decimal_cell(value: float) -> str:
+    """Six decimals; empty where nothing was measured (no "nan" for a spreadsheet to trip on)."""
+    return f"{value:.6f}" if math.isfinite(value) else ""
+
+
+def interval_cells(estimate: Estimate) -> list:
+    if estimate.ci95 is None:
+        return [estimate.n, "", ""]
+    return [estimate.n, f"{estimate.ci95[0]:.6f}", f"{estimate.ci95[1]:.6f}"]
 
 
 def epoch_row(epoch: int, lr: float, seconds: float, loss: float, acc: float, metrics: Metrics | None) -> str:

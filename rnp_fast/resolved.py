@@ -160,7 +160,7 @@ class ResolvedRun:
 
     def scoring(self, warn: Callable[[str], None] | None = None) -> ScoringOptions:
         """How pruning candidates are scored (batched or sequential, chunk, precision, layout);
-        ``warn`` takes the scoring's warnings (default: Python warnings)."""
+        ``warn`` takes the scoring's warnings (default: Python warnings) and its progress lines."""
         return ScoringOptions(
             mode=self.engine_config.mode,
             scoring=self.scoring_mode,
@@ -169,6 +169,7 @@ class ResolvedRun:
             amp=self.engine.amp,
             channels_last=self.engine.eval_channels_last,
             warn=warn,
+            progress=warn,  # the log that takes the warnings takes the progress lines
             # the scoring pass is most of a run's FLOPs: compiled whenever the engine compiles
             compile_backend=self.engine.compile_backend if self.engine.compile else None,
         )

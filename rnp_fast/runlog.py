@@ -1,9 +1,11 @@
-"""The run's log: timestamped lines like the reference's, to a file and (unless quiet) the terminal."""
+"""The run's log: timestamped lines like the reference's, to a file and (unless quiet) the terminal,
+and `Progress`: how far a long pass has got, every few seconds (no stage stays silent for minutes)."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -41,3 +43,27 @@ class RunLog:
         if self.handle:
             self.handle.close()
             self.handle = None
+
+
+class Progress:
+    """Log lines for a pass of ``total`` units of work: one when it starts, one at most every
+    ``every`` seconds while it runs, one when it ends (``say`` None: silent). Scoring every
+    pruning candidate on a loaded CPU takes minutes; the log says it is still going."""
+
+    def __init__(self, say: Callable[[str], None] | None, what: str, total: int, every: float = 15.0):
+        self.say, self.what, self.total, self.every = say, what, max(1, total), every
+        self.started = self.last = time.perf_counter()
+        self.done = 0
+        if say is not None:
+            say(f"{what} ...")
+
+    def advance(self, units: int = 1) -> None:
+        self.done += units
+        now = time.perf_counter()
+        if self.say is not None and now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            self.say(f"{self.what}: {self.done / self.total:.0%} ({now - self.started:.0f} s)")
+
+    def finish(self) -> None:
+        if self.say is not None:
+            self.say(f"{self.what}: done in {time.perf_counter() - self.started:.1f} s")

@@ -16,10 +16,16 @@ from dataclasses import dataclass
 class Choice:
     index: int | None  # index into the schedule, None = prune nothing
     rule: str
+    warning: str | None = None  # the rule ran on images too few to resolve its tolerance (rule_power)
 
 
 def choose_step(
-    holdout_accs: list[float], base_acc: float, tolerance: float, labels: list[float], data: str = "held-out images"
+    holdout_accs: list[float],
+    base_acc: float,
+    tolerance: float,
+    labels: list[float],
+    data: str = "held-out images",
+    images: int | None = None,
 ) -> Choice:
     floor = base_acc - tolerance
     chosen = None
@@ -29,7 +35,7 @@ def choose_step(
         chosen = index
     rule = (
         f"largest threshold of the schedule's prefix whose clean accuracy on the {data} stays >= unpruned "
-        f"({base_acc:.4f}) - tolerance ({tolerance:.4f})"
+        f"({base_acc:.4f}{'' if images is None else f' on {images} images'}) - tolerance ({tolerance:.4f})"
     )
     if chosen is None:
         return Choice(

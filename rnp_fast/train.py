@@ -121,7 +121,8 @@ def train_backdoor(
         fit(model, loader, train, on_epoch, run.engine)
         bar.close()
         metrics = run.evaluator()(model)
-        log.info(f"clean {metrics.clean_acc_full:.4f}, ASR {metrics.asr:.4f}")
+        clean, asr = metrics.estimate("clean_acc_full"), metrics.estimate("asr")
+        log.info(f"clean {clean.text()}, ASR {asr.text()} (95 % intervals)")
         log.close()
         state = model.state_dict()
         save_safetensors(
@@ -129,9 +130,9 @@ def train_backdoor(
         )
         save_reference_checkpoint(state, directory.path("model.pth"), epoch=train.epochs, arch=model_cfg.arch)
         summary = {
-            "clean_acc": metrics.clean_acc_full,
-            "clean_acc_non_target": metrics.clean_acc,
-            "asr": metrics.asr,
+            **clean.fields("clean_acc"),  # clean_acc, clean_acc_n, clean_acc_ci95 (full test set)
+            **metrics.estimate("clean_acc").fields("clean_acc_non_target"),
+            **asr.fields("asr"),
             "poisoned_images": int(plan.poisoned.sum()) if plan is not None else 0,
             "noise_mode_images": int(plan.noise.sum()) if plan is not None and plan.noise is not None else 0,
             **({"label_consistent": hardening} if hardening else {}),

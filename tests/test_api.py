@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from own_resnet import OwnResNet18, copy_weights
-from tests_support import TINY_WIDTH
+from tests_support import TINY_WIDTH, strict_json_files
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -151,6 +151,9 @@ def test_save_writes_the_clis_run_directory_and_never_over_a_foreign_folder(api_
     out = result.save(tmp_path / "api")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in cli_run[0].iterdir())
     assert "Model Recovering" in (out / "output.log").read_text()
+    summary = strict_json_files(out)["summary.json"]  # no NaN: a figure not measured is null with its reason
+    assert summary["robust_acc_before_n"] == 0 or summary["robust_acc_before"] is not None
+    assert summary["clean_acc_full_drop_n"] == summary["clean_acc_full_before_n"] > 0
     result.save(tmp_path / "api")  # its own folder: replaced
     foreign = tmp_path / "theirs"
     foreign.mkdir()
@@ -196,8 +199,8 @@ def short_defense(model, defense, digits, **overrides):
         mean=digits.mean,
         std=digits.std,
         test=(digits.test.images[:100], digits.test.labels[:100]),
-        rnp=rnp_fast.RNPConfig(unlearning_epochs=0, recovering_epochs=2, pruning_step=0.3),
-        data=rnp_fast.DataConfig(ratio=1.0, holdout=0.3, batch_size=32),
+        rnp=rnp_fast.RNPConfig(unlearning_epochs=0, recovering_epochs=2, pruning_step=0.3, allow_small_holdout=True),
+        data=rnp_fast.DataConfig(ratio=1.0, holdout=0.3, batch_size=32),  # 29 held out: a smoke run
         engine=rnp_fast.EngineConfig(device="cpu", quiet=True),
         **overrides,
     )
@@ -340,7 +343,8 @@ def test_the_readmes_python_example_runs_as_written(tmp_path, monkeypatch):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
-    assert (tmp_path / "rnp-python-run" / "summary.json").is_file()
+    summary = strict_json_files(tmp_path / "rnp-python-run")["summary.json"]  # strict: NaN would raise
+    assert summary["robust_acc_before"] is None and "true labels" in summary["robust_acc_before_reason"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

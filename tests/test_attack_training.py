@@ -65,8 +65,8 @@ def test_bad_attack_options_are_one_line_exit_2(command, extra, message, tiny_ch
     out = tmp_path / "run"
     extra = [a.format(missing=tmp_path / "none.npz") for a in extra]
     args = [command, "--out", str(out), "--dataset", "digits", "--width", str(TINY_WIDTH), "--device", "cpu"]
-    if command == "defend":
-        args += ["--model", str(tiny_checkpoint)]
+    if command == "defend":  # --allow-small-holdout: the default data's one held-out image is refused first
+        args += ["--model", str(tiny_checkpoint), "--allow-small-holdout"]
     if command == "defend" and extra[0] == "--poison-rate":
         pytest.skip("defend has no --poison-rate")
     assert main([*args, "--quiet", *extra]) == 2

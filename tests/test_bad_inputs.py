@@ -49,7 +49,8 @@ def files(tmp_path_factory, tiny_checkpoint):
 
 
 def defend(model: str, *extra: str) -> list[str]:
-    return ["defend", "--model", model, "--out", "{out}", *DIGITS, *extra]
+    # --allow-small-holdout: the default data's one held-out image would be refused before these inputs
+    return ["defend", "--model", model, "--out", "{out}", *DIGITS, "--allow-small-holdout", *extra]
 
 
 def train(*extra: str) -> list[str]:

@@ -13,7 +13,7 @@ from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.models import build_model
 from rnp_fast.prune import Channel, PruneStep
 
-TINY_RNP = dict(unlearning_epochs=1, recovering_epochs=2, pruning_step=0.3)
+TINY_RNP = dict(unlearning_epochs=1, recovering_epochs=2, pruning_step=0.3, allow_small_holdout=True)
 
 
 def tiny_job(model, out):

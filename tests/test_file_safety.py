@@ -10,6 +10,7 @@ and that the refusal took under 5 seconds.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ from rnp_fast.sweep.store import ResultsStore
 
 DIGITS = ["--dataset", "digits", "--width", str(TINY_WIDTH), "--device", "cpu", "--quiet"]
 SHORT = ["--ratio", "0.1", "--batch-size", "32", "--unlearning-epochs", "0", "--recovering-epochs", "1"]
+SHORT += ["--allow-small-holdout"]  # 12 held-out images: tiny data
 SWEEP = "name: s\nfixed: {data: {dataset: digits}, model: {width: 0.125}}\n"
 
 
@@ -238,7 +240,7 @@ def with_mask(name: str) -> list[str]:
 
 
 def with_model(name: str) -> list[str]:
-    return ["defend", "--model", f"{{w}}/inputs/{name}", "--out", "{w}/new-run", *DIGITS]
+    return ["defend", "--model", f"{{w}}/inputs/{name}", "--out", "{w}/new-run", *DIGITS, "--allow-small-holdout"]
 
 
 # name -> (argv, with {w} for the sentinel tree, the text its one line must hold)
@@ -601,17 +603,19 @@ def test_an_os_error_mid_run_is_one_line_exit_1_and_keeps_the_previous_result(wo
 
 
 def test_safetensors_disk_full_is_one_line_exit_1_and_keeps_the_previous_result(world, capsys, monkeypatch):
-    """safetensors raises its own SafetensorError (not OSError) on a full disk: still one line, exit 1."""
-    from safetensors import SafetensorError
+    """The disk fills while purified.safetensors is written: one line, exit 1, the old result kept."""
+    import builtins
 
     out = our_folder(world / "run", "defense run", RUN_FILES)  # an earlier run's result
     argv = [a.replace("{w}", str(world)) for a in defend("--threshold", "0.5", out=str(out))]
     previous = tree_digest(out)
 
-    def disk_full(tensors, filename, metadata=None):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    def disk_full(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".safetensors") and "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return builtins.open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    monkeypatch.setattr("rnp_fast.checkpoint.open", disk_full, raising=False)
     code, err = run_cli(argv, capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert f"cannot write {out}/purified.safetensors: No space left on device" in err, err
@@ -619,14 +623,16 @@ def test_safetensors_disk_full_is_one_line_exit_1_and_keeps_the_previous_result(
     assert [p.name for p in world.iterdir() if p.name.startswith(".run.")] == []
 
 
-def test_a_full_disk_under_torch_save_is_an_os_error(tmp_path):
-    """torch's own writer reports a failed write as RuntimeError('unexpected pos ...'); ours as OSError."""
-    from rnp_fast.checkpoint import save_reference_checkpoint
+@pytest.mark.parametrize("writer", ["save_reference_checkpoint", "save_safetensors"])
+def test_a_full_disk_under_a_checkpoint_writer_is_an_os_error(writer, tmp_path):
+    """torch's own writer reports a failed write as RuntimeError('unexpected pos ...'), safetensors'
+    as its SafetensorError; ours as OSError."""
+    import rnp_fast.checkpoint
 
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
     with pytest.raises(OSError) as failed:
-        save_reference_checkpoint({"w": torch.zeros(100_000)}, Path("/dev/full"))
+        getattr(rnp_fast.checkpoint, writer)({"w": torch.zeros(100_000)}, Path("/dev/full"))
     assert failed.value.errno == 28
 
 

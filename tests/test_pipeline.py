@@ -2,17 +2,20 @@
 between the fast path and the reference mode."""
 
 import json
+import os
+import stat
 from dataclasses import replace
 
 import pytest
 import torch
-from tests_support import TINY_WIDTH
+from tests_support import TINY_WIDTH, strict_json_files
 
 from rnp_fast.config import AttackConfig, DataConfig, EngineConfig, ModelConfig, RNPConfig
 from rnp_fast.defense import DefendJob, run_defense
 from rnp_fast.report import read_mask_file
 
 SHORT = dict(unlearning_epochs=2, recovering_epochs=3, clean_threshold=0.0, pruning_step=0.15)  # no early stop
+SHORT["allow_small_holdout"] = True  # 12 held-out images: tiny data, the rule's power is tested apart
 
 
 def job(model, out, mode="fast", **overrides) -> DefendJob:
@@ -58,6 +61,46 @@ def test_run_directory_has_every_output(fast_run):
     assert table[0].startswith("No \t Layer Name") and len(table) == 1 + 7  # thresholds 0, 0.15, ..., 0.9
     config = json.loads((out / "config.json").read_text())
     assert config["versions"]["torch"] == torch.__version__ and config["RNPConfig"]["alpha"] == 0.2
+
+
+def test_every_figure_has_its_count_and_interval_and_the_run_a_verdict(fast_run):
+    out, _ = fast_run
+    summary = strict_json_files(out)["summary.json"]  # strict: NaN or Infinity would raise
+    for name in ("clean_acc", "asr", "clean_acc_full", "robust_acc"):
+        for when in ("before", "after"):
+            value, n, (lo, hi) = (summary[f"{name}_{when}{part}"] for part in ("", "_n", "_ci95"))
+            assert n > 0 and lo <= value <= hi, (name, when)
+    assert summary["clean_acc_full_before_n"] == 599 and summary["clean_acc_before_n"] == summary["asr_before_n"]
+    drop = summary["clean_acc_full_drop"]
+    assert drop == summary["clean_acc_full_before"] - summary["clean_acc_full_after"]
+    assert summary["clean_acc_full_drop_ci95"][0] <= drop <= summary["clean_acc_full_drop_ci95"][1]
+    verdict = summary["verdict"]
+    assert verdict["success"] == (not verdict["failed"]) and verdict["asr_after"]["n"] == summary["asr_after_n"]
+    assert verdict["clean_acc_full_drop"]["value"] == drop
+    assert verdict["goal"] == {"max_asr": 0.1, "max_clean_drop": 0.02}
+    assert summary["holdout_acc_before_n"] == 12 and summary["rule_warning"]  # 12 images: far too wide for 2 points
+    log = (out / "output.log").read_text()
+    assert f"verdict: {verdict['text']}" in log and "WARNING: the unpruned model's accuracy on the 12" in log
+    assert "scoring the pruning candidates on the test sets" in log  # progress while scoring
+
+
+def test_thresholds_are_written_as_decimals_but_the_reference_table_keeps_its_floats(fast_run):
+    out, _ = fast_run
+    labels = [row.split(",")[1] for row in (out / "pruning.csv").read_text().splitlines()[1:]]
+    assert labels == ["0.0", "0.15", "0.3", "0.45", "0.6", "0.75", "0.9"]
+    table = [row.split("\t")[3].strip() for row in (out / "pruning_by_threshold.txt").read_text().splitlines()[1:]]
+    assert table == [repr(i * 0.15) for i in range(7)] and "0.44999999999999996" in table  # the reference's i * step
+    assert "0.44999999999999996" not in (out / "output.log").read_text() + (out / "summary.json").read_text()
+    header = (out / "pruning.csv").read_text().splitlines()[0].split(",")
+    assert header[-3:] == ["holdout_acc_n", "holdout_acc_ci95_lo", "holdout_acc_ci95_hi"] and "asr_ci95_hi" in header
+
+
+def test_the_purified_model_honours_the_umask_like_every_other_file(fast_run):
+    out, _ = fast_run
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    assert modes["purified.safetensors"] == modes["summary.json"] == 0o666 & ~umask, modes
     assert "Model Unlearning" in (out / "output.log").read_text()
 
 

@@ -1,7 +1,8 @@
 """The pruning schedule and file formats against the reference's published files."""
 
-from rnp_fast.prune import Channel, rank_channels, schedule, thresholds
-from rnp_fast.report import format_mask_values, parse_mask_values, read_mask_file
+from rnp_fast.evaluation.metrics import Metrics
+from rnp_fast.prune import Channel, rank_channels, reference_thresholds, schedule, thresholds
+from rnp_fast.report import format_mask_values, parse_mask_values, pruning_row, read_mask_file
 
 
 def test_reference_mask_file_parses_with_our_reader(reference_file):
@@ -17,20 +18,19 @@ def test_schedule_reproduces_reference_pruning_table(reference_file):
     steps = schedule(ranked, "threshold", 0.9, 0.05)
     rows = reference_file("pruning_by_threshold.txt").read_text().splitlines()[1:]
     assert len(steps) == len(rows) == 19
-    for step, row in zip(steps, rows, strict=True):
-        count, layer, index, label = (field.strip() for field in row.split("\t")[:4])
-        assert (f"{step.count:.2f}", step.boundary.layer, str(step.boundary.index), repr(step.label)) == (
-            count,
-            layer,
-            index,
-            label,
-        )
+    for step, row in zip(steps, rows, strict=True):  # our table's first four columns, as written
+        ours = pruning_row(step, Metrics(0.0, 0.0, 0.0, 0.0, 0.0, 0.0), "threshold").split("\t")[:4]
+        assert ours == row.split("\t")[:4]
 
 
-def test_thresholds_print_like_the_reference():
+def test_thresholds_are_decimals_and_the_table_prints_the_references_floats():
     values = thresholds(0.9, 0.05)
-    assert len(values) == 19
-    assert repr(values[3]) == "0.15000000000000002" and repr(values[-1]) == "0.9"
+    assert len(values) == 19 and values[3] == 0.15 and repr(values[3]) == "0.15"
+    assert values == [i * 5 / 100 for i in range(19)]  # the decimals i * 0.05 name (correctly rounded)
+    assert [repr(v) for v in thresholds(0.9, 0.15)] == ["0.0", "0.15", "0.3", "0.45", "0.6", "0.75", "0.9"]
+    reference = reference_thresholds(0.9, 0.05)
+    assert repr(reference[3]) == "0.15000000000000002" and repr(reference[-1]) == "0.9"
+    assert len(thresholds(0.93, 0.05)) == 19  # never beyond --pruning-max
 
 
 def test_our_mask_file_parses_the_reference_way():

@@ -6,12 +6,12 @@ import math
 from dataclasses import replace
 
 import pytest
-from tests_support import TINY_WIDTH
+from tests_support import TINY_WIDTH, strict_json_files
 
 from rnp_fast.evaluation.metrics import Metrics
 from rnp_fast.repeats import CurvePoint, Goal, SeedOutcome, aggregate, headline
 
-SHORT = dict(unlearning_epochs=1, recovering_epochs=2, clean_threshold=0.0, pruning_step=0.3)
+SHORT = dict(unlearning_epochs=1, recovering_epochs=2, clean_threshold=0.0, pruning_step=0.3, allow_small_holdout=True)
 
 
 def metrics(asr: float, clean_full: float, clean: float | None = None) -> Metrics:
@@ -38,6 +38,7 @@ def test_success_needs_both_a_low_asr_and_a_small_clean_drop():
         "count": 1,
         "of": 4,
         "std_error": pytest.approx(math.sqrt(0.25 * 0.75 / 4)),
+        "ci95": pytest.approx([0.0456, 0.6994], abs=1e-4),  # Wilson, 1 of 4
     }
     assert [r["success"] for r in result["per_seed"]] == [True, False, False, False]
     assert [r["success_nontarget"] for r in result["per_seed"]] == [True, False, False, True]
@@ -73,22 +74,28 @@ def test_a_tiny_repeated_run_reports_every_seed_and_writes_its_files(tiny_checkp
     out = tmp_path / "repeats"
     tiny = ["--width", str(TINY_WIDTH), "--dataset", "digits", "--ratio", "0.1", "--batch-size", "32"]
     tiny += ["--eval-batch-size", "256", "--unlearning-epochs", "1", "--recovering-epochs", "2"]
-    tiny += ["--clean-threshold", "0", "--pruning-step", "0.3", "--device", "cpu", "--quiet"]
+    tiny += ["--clean-threshold", "0", "--pruning-step", "0.3", "--device", "cpu", "--quiet", "--allow-small-holdout"]
     code = main(["defend", "--model", str(tiny_checkpoint), "--out", str(out), *tiny, "--seed", "3", "--repeats", "2"])
     assert code == 0
     assert "success (ASR <= 0.1, clean drop <= 2 points) on" in capsys.readouterr().err
     assert {p.name for p in out.iterdir()} >= {"summary.json", "seeds.csv", "tradeoff.png", "output.log"}
-    stored = json.loads((out / "summary.json").read_text())["repeats"]
+    stored = strict_json_files(out)["summary.json"]["repeats"]  # strict: NaN or Infinity would raise
     assert stored["seeds"] == [3, 4] and stored["success"]["of"] == 2
     assert all(row["seconds"] > 0 for row in stored["per_seed"]) and stored["seconds"]["max"] > 0
+    lo, hi = stored["success"]["ci95"]  # Wilson: never the empty 0 +- 0
+    assert lo <= stored["success"]["rate"] <= hi and hi - lo > 0.3
     rows = list(csv.DictReader((out / "seeds.csv").open()))
     assert [int(r["seed"]) for r in rows] == [3, 4]
+    assert int(rows[0]["asr_after_n"]) > 0 and float(rows[0]["asr_after_ci95_lo"]) <= float(rows[0]["asr_after"])
+    assert float(rows[0]["clean_full_drop_ci95_lo"]) <= float(rows[0]["clean_full_drop"])
     # every seed is the single defense on that seed: the same figures as a separate run
     job = tiny_job(tiny_checkpoint, tmp_path / "single")
     single = run_defense(replace(job, data=replace(job.data, seed=4)))
     assert stored["per_seed"][1]["asr_after"] == single["asr_after"]
     assert stored["per_seed"][1]["clean_acc_full_after"] == single["clean_acc_full_after"]
     assert stored["per_seed"][1]["pruned"] == single["pruned"]
+    assert stored["per_seed"][1]["success"] == single["verdict"]["success"]  # one verdict for both
+    assert stored["per_seed"][1]["asr_after_ci95"] == single["asr_after_ci95"]
 
 
 def test_repeats_over_order_keep_the_defense_images_and_draw_only_their_order(tiny_checkpoint, tmp_path, capsys):
@@ -115,7 +122,7 @@ def test_repeats_over_order_keep_the_defense_images_and_draw_only_their_order(ti
     out = tmp_path / "order"
     tiny = ["--width", str(TINY_WIDTH), "--dataset", "digits", "--ratio", "0.1", "--batch-size", "32"]
     tiny += ["--eval-batch-size", "256", "--unlearning-epochs", "1", "--recovering-epochs", "2"]
-    tiny += ["--clean-threshold", "0", "--pruning-step", "0.3", "--device", "cpu", "--quiet"]
+    tiny += ["--clean-threshold", "0", "--pruning-step", "0.3", "--device", "cpu", "--quiet", "--allow-small-holdout"]
     flags = ["--seed", "3", "--repeats", "2", "--repeat-over", "order"]
     assert main(["defend", "--model", str(tiny_checkpoint), "--out", str(out), *tiny, *flags]) == 0
     stored = json.loads((out / "summary.json").read_text())["repeats"]

@@ -94,7 +94,7 @@ def defend_command(model: Path, out: Path, recovering_epochs: int) -> list[str]:
         *("-m", "rnp_fast", "defend", "--model", str(model), "--out", str(out)),
         *("--dataset", "digits", "--width", str(TINY_WIDTH), "--ratio", "0.1", "--batch-size", "32"),
         *("--unlearning-epochs", "1", "--recovering-epochs", str(recovering_epochs), "--clean-threshold", "0"),
-        *("--device", "cpu", "--quiet"),
+        *("--device", "cpu", "--quiet", "--allow-small-holdout"),
     ]
 
 

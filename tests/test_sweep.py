@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tests_support import TINY_WIDTH
+from tests_support import TINY_WIDTH, strict_json, strict_json_files
 
 from rnp_fast.cli import main
 from rnp_fast.config import SweepRunConfig
@@ -34,7 +34,7 @@ from rnp_fast.sweep.store import APPLICATION_ID, SCHEMA, NotAStore, ResultsStore
 NO_RAY = importlib.util.find_spec("ray") is None
 TINY_FIXED = f"""\
 fixed:
-  data: {{dataset: digits, ratio: 0.2, batch_size: 64, augment: false, eval_batch_size: 1024}}
+  data: {{dataset: digits, ratio: 0.2, holdout: 0.25, batch_size: 64, augment: false, eval_batch_size: 1024}}
   model: {{arch: resnet18, width: {TINY_WIDTH}}}
   train: {{epochs: 2, lr: 0.05}}
   rnp: {{unlearning_lr: 0.005, unlearning_epochs: 1, recovering_epochs: 1, pruning_step: 0.3}}
@@ -321,6 +321,13 @@ def test_killed_sweep_resumes_without_rerunning_finished_jobs(resumed_store):
         assert (store / "jobs" / job_hash / "pruning.csv").is_file()
         assert not (store / "jobs" / job_hash / "purified.safetensors").exists()  # keep_purified: false
     assert len(list((store / "models").glob("*/model.safetensors"))) == 6  # one model per attack and seed
+    files = strict_json_files(store)  # every JSON a sweep writes parses strictly (no NaN, no Infinity)
+    summaries = [data for name, data in files.items() if name.startswith("jobs/") and name.endswith("summary.json")]
+    assert len(summaries) == 12 and all(s["asr_after_n"] > 0 and s["verdict"] is not None for s in summaries)
+    connection = sqlite3.connect(store / "results.sqlite")
+    stored = [strict_json(text) for (text,) in connection.execute("SELECT metrics FROM jobs")]
+    connection.close()
+    assert all(len(m["clean_acc_after_ci95"]) == 2 and m["model_asr_n"] > 0 for m in stored)
     assert not list(store.glob("*/.*.partial-*"))  # no staging directory left by the kill
     log = (store / "sweep.log").read_text()
     assert log.count("done   ") == 12
@@ -343,6 +350,7 @@ def test_finished_sweep_runs_nothing_again(resumed_store):
 def test_report_writes_table_and_plots(resumed_store, tmp_path, capsys):
     store = resumed_store[0]
     assert main(["report", str(store), "--out", str(tmp_path / "report")]) == 0
+    assert strict_json(capsys.readouterr().out)["rows"] == 6 and strict_json_files(tmp_path / "report")
     table = (tmp_path / "report" / "results.md").read_text()
     lines = [line for line in table.splitlines() if line.startswith("|")]
     assert lines[0].startswith("| attack | arch | rnp.alpha | seeds | clean before | clean after | ASR before")
@@ -350,6 +358,7 @@ def test_report_writes_table_and_plots(resumed_store, tmp_path, capsys):
     assert all(" ± " in line for line in lines[2:])
     csv_lines = (tmp_path / "report" / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("attack,arch,rnp.alpha,seeds,clean_acc_before_mean,clean_acc_before_std")
+    assert "asr_after_n,asr_after_ci95_lo,asr_after_ci95_hi" in csv_lines[0]
     assert len(csv_lines) == 7 and all(line.split(",")[3] == "2" for line in csv_lines[1:])
     for attack in ("badnets", "blend", "sig"):
         png = tmp_path / "report" / f"threshold_{attack}.png"

@@ -1,3 +1,21 @@
-"""Constants shared by test modules."""
+"""Constants and helpers shared by test modules."""
+
+import json
+from pathlib import Path
 
 TINY_WIDTH = 0.125  # ResNet-18 at 1/8 width: 600 BatchNorm channels, fast on CPU
+
+
+def refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON (a strict parser refuses it)")
+
+
+def strict_json(text: str):
+    """``text`` parsed as standard JSON: NaN, Infinity and -Infinity raise."""
+    return json.loads(text, parse_constant=refuse_constant)
+
+
+def strict_json_files(folder: Path) -> dict[str, object]:
+    """Every JSON file below ``folder`` (the ``.rnp-fast`` markers included), parsed strictly."""
+    paths = [p for p in Path(folder).rglob("*") if p.is_file() and (p.suffix == ".json" or p.name == ".rnp-fast")]
+    return {str(p.relative_to(folder)): strict_json(p.read_text(encoding="utf-8")) for p in paths}

@@ -32,6 +32,7 @@ from torch import nn
 from rnp_fast.engine import autocast, raise_recompile_limit
 from rnp_fast.evaluation.predict import model_input
 from rnp_fast.models.stages import Stage, model_stages, stage_of_module
+from rnp_fast.runlog import Progress
 
 PruneSet = frozenset  # of (BatchNorm module name, channel index)
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
@@ -221,19 +222,23 @@ class BatchedScoring:
         channels_last: bool = False,
         warn: Callable[[str], None] | None = None,
         compile_backend: object | None = None,
+        progress: Callable[[str], None] | None = None,
     ):
         self.image_sets, self.mean, self.std = list(image_sets), mean, std
         self.batch_size, self.chunk_size = batch_size, chunk_size
         self.amp, self.channels_last, self.compile_backend = amp, channels_last, compile_backend
         self.warn = warn or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
+        self.progress = progress  # takes the pass's progress lines (None: silent)
 
-    def score(self, model: nn.Module, prune_sets: Sequence[PruneSet]) -> list[list[torch.Tensor]]:
+    def score(
+        self, model: nn.Module, prune_sets: Sequence[PruneSet], what: str = "scoring the pruning candidates"
+    ) -> list[list[torch.Tensor]]:
         distinct = list(dict.fromkeys(prune_sets))  # identical prune sets are scored once
         network = CandidateNetwork(model, self.channels_last, self.compile_backend)
         shape = self.pass_shape(network, len(distinct))
         while True:
             try:
-                logits = self.one_pass(network, distinct, shape)
+                logits = self.one_pass(network, distinct, shape, what)
                 break
             except OUT_OF_MEMORY:
                 if shape.candidates == 1 and shape.images == 1:
@@ -247,11 +252,13 @@ class BatchedScoring:
         by_set = dict(zip(distinct, logits, strict=True))
         return [by_set[chosen] for chosen in prune_sets]
 
-    def one_pass(self, network: CandidateNetwork, candidates: list[PruneSet], shape: PassShape):
+    def one_pass(self, network: CandidateNetwork, candidates: list[PruneSet], shape: PassShape, what: str = ""):
         step = shape.candidates
         chunks = [candidates[i : i + step] for i in range(0, len(candidates), step)]
         plans = [network.plan(part) for part in chunks]
         outputs: list[list[list[torch.Tensor]]] = [[[] for _ in self.image_sets] for _ in candidates]
+        total = sum(len(images) for images in self.image_sets)
+        progress = Progress(self.progress, f"{what}: {len(candidates)} candidates x {total} images", total)
         for set_number, images in enumerate(self.image_sets):
             for start in range(0, len(images), shape.images):
                 x = self.prepare(images[start : start + shape.images])
@@ -262,6 +269,8 @@ class BatchedScoring:
                     for offset, row in enumerate(plan.group_of_candidate):
                         outputs[first + offset][set_number].append(logits[row])
                     first += len(part)
+                progress.advance(len(x))
+        progress.finish()
         return [[torch.cat(parts) for parts in per_set] for per_set in outputs]
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:

@@ -11,19 +11,21 @@ Batched and sequential give the same predictions, bit for bit on CPU (a test).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from rnp_fast.evaluation.candidates import BatchedScoring, PruneSet
 from rnp_fast.evaluation.evaluators import make_evaluator
+from rnp_fast.evaluation.intervals import Estimate, wilson
 from rnp_fast.evaluation.metrics import Metrics, Outputs, accuracy, metrics_from_outputs, per_class_accuracy
 from rnp_fast.evaluation.predict import model_input, no_logits, predict
 from rnp_fast.evaluation.test_sets import TestSets
 from rnp_fast.loaders.augment import normalisation
 from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.prune import PruneStep, pruned_state_dict
+from rnp_fast.runlog import Progress
 
 
 @dataclass
@@ -36,6 +38,7 @@ class ScoringOptions:
     channels_last: bool = False
     warn: Callable[[str], None] | None = None
     compile_backend: object | None = None  # batched scoring compiled (folded BatchNorms); None: eager, exact
+    progress: Callable[[str], None] | None = None  # takes progress lines of a long pass (None: silent)
 
     @property
     def batched(self) -> bool:
@@ -52,6 +55,7 @@ class ScoringOptions:
             self.channels_last,
             self.warn,
             self.compile_backend,
+            self.progress,
         )
 
 
@@ -65,7 +69,9 @@ def score_steps(model: nn.Module, steps: list[PruneStep], data: TestSets, option
         logits = batched_test_logits(model, steps, data, options)
         return [metrics_from_outputs(Outputs(*pair), data) for pair in logits]
     evaluator = make_evaluator(options.mode, data, options.batch_size, options.channels_last, options.amp)
-    return score_sequentially(model, steps, evaluator, dedupe=options.mode == "fast")
+    what = f"scoring the pruning candidates on the test sets: {len(steps)} candidates"
+    progress = Progress(options.progress, what, len(steps))
+    return score_sequentially(model, steps, evaluator, dedupe=options.mode == "fast", progress=progress)
 
 
 def batched_test_logits(model: nn.Module, steps: list[PruneStep], data: TestSets, options: ScoringOptions):
@@ -75,7 +81,9 @@ def batched_test_logits(model: nn.Module, steps: list[PruneStep], data: TestSets
     present = [images for images in sets if len(images)]
     if not present:
         return [[no_logits(data.device)] * 2 for _ in steps]
-    scored = options.batched_scoring(present, data.mean, data.std).score(model, [prune_set(step) for step in steps])
+    candidates = [prune_set(step) for step in steps]
+    scoring = options.batched_scoring(present, data.mean, data.std)
+    scored = scoring.score(model, candidates, "scoring the pruning candidates on the test sets")
     return [refill(per_step, sets) for per_step in scored]
 
 
@@ -100,7 +108,9 @@ def samples_independent(model: nn.Module, images: torch.Tensor, mean, std, count
     return bool(((together - alone).abs().max() <= 1e-4 * scale).item())
 
 
-def score_sequentially(model: nn.Module, steps: list[PruneStep], evaluator, dedupe: bool = True) -> list:
+def score_sequentially(
+    model: nn.Module, steps: list[PruneStep], evaluator, dedupe: bool = True, progress: Progress | None = None
+) -> list:
     """``evaluator`` of every step, one pruned copy of the weights at a time (``model`` restored)."""
     original = {key: value.clone() for key, value in model.state_dict().items()}
     scored: dict[PruneSet, object] = {}
@@ -112,8 +122,12 @@ def score_sequentially(model: nn.Module, steps: list[PruneStep], evaluator, dedu
                 model.load_state_dict(pruned_state_dict(original, step.channels))
                 scored[key] = evaluator(model)
             results.append(scored[key])
+            if progress is not None:
+                progress.advance()
     finally:
         model.load_state_dict(original)
+    if progress is not None:
+        progress.finish()
     return results
 
 
@@ -121,12 +135,23 @@ def score_sequentially(model: nn.Module, steps: list[PruneStep], evaluator, dedu
 class HoldoutScores:
     """Clean accuracy on the threshold rule's images, overall and within each true class: the
     unpruned model's, then every step's. One scoring pass gives both (the per-class figures are
-    the target-class diagnostics', `rnp_fast.diagnostics`)."""
+    the target-class diagnostics', `rnp_fast.diagnostics`). The counts give each its interval."""
 
     base: float
     per_step: list[float]
     base_per_class: list[float]
     per_step_per_class: list[list[float]]
+    n: int = 0  # the rule's images
+    base_hits: int = 0  # of them, the unpruned model classifies right
+    per_step_hits: list[int] = field(default_factory=list)
+    per_class_n: list[int] = field(default_factory=list)  # the rule's images of each class
+
+    def estimate(self, step: int | None = None) -> Estimate:
+        """The unpruned model's (``step`` None) or a step's held-out accuracy, with its interval."""
+        value, hits = (self.base, self.base_hits) if step is None else (self.per_step[step], self.per_step_hits[step])
+        if not self.n:
+            return Estimate(None, 0, None, "no images to score")
+        return Estimate(value, self.n, wilson(hits, self.n))
 
 
 def holdout_accuracies(
@@ -136,11 +161,21 @@ def holdout_accuracies(
     numbers or tensors, one per channel)."""
     labels = holdout.labels.to(next(model.parameters()).device)
 
-    def summarise(logits: torch.Tensor) -> tuple[float, list[float]]:
-        return accuracy(logits, labels), per_class_accuracy(logits, labels, num_classes)
+    def summarise(logits: torch.Tensor) -> tuple[float, list[float], int]:
+        hits = int((logits.argmax(1) == labels).sum()) if len(labels) else 0
+        return accuracy(logits, labels), per_class_accuracy(logits, labels, num_classes), hits
 
     scores = step_scores(model, steps, holdout, mean, std, options, summarise)
-    return HoldoutScores(scores[0][0], [s[0] for s in scores[1:]], scores[0][1], [s[1] for s in scores[1:]])
+    return HoldoutScores(
+        base=scores[0][0],
+        per_step=[s[0] for s in scores[1:]],
+        base_per_class=scores[0][1],
+        per_step_per_class=[s[1] for s in scores[1:]],
+        n=len(labels),
+        base_hits=scores[0][2],
+        per_step_hits=[s[2] for s in scores[1:]],
+        per_class_n=torch.bincount(holdout.labels, minlength=num_classes).tolist(),
+    )
 
 
 def step_scores(
@@ -152,13 +187,14 @@ def step_scores(
     device = next(model.parameters()).device
     data = images.images.to(device)
     mean_t, std_t = normalisation(mean, std, device)
+    what = "scoring the pruning candidates on the threshold rule's images"
     if options.batched:
         candidates = [frozenset()] + [prune_set(step) for step in steps]
-        return [
-            summarise(per_set[0]) for per_set in options.batched_scoring([data], mean_t, std_t).score(model, candidates)
-        ]
+        scored = options.batched_scoring([data], mean_t, std_t).score(model, candidates, what)
+        return [summarise(per_set[0]) for per_set in scored]
 
     def score(m: nn.Module):
         return summarise(predict(m, data, mean_t, std_t, options.batch_size, options.channels_last, options.amp))
 
-    return [score(model), *score_sequentially(model, steps, score)]
+    progress = Progress(options.progress, f"{what}: {len(steps)} candidates x {len(images)} images", len(steps))
+    return [score(model), *score_sequentially(model, steps, score, progress=progress)]

@@ -274,4 +274,6 @@ def mark_staging(directory: Path, kind: str, writing: Iterable[str] = ()) -> Non
 
 def write_marker(directory: Path, fields: dict) -> None:
     record = {"made_by": MADE_BY, "format": FORMAT, "version": __version__, **fields}
-    (directory / MARKER).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    from rnp_fast.outputs.results import json_text  # results reads the markers: imported here, not above
+
+    (directory / MARKER).write_text(json_text(record, indent=None), encoding="utf-8")

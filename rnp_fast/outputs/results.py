@@ -4,6 +4,7 @@ or probe result) atomically, only over a file of ours of the same kind."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -14,9 +15,31 @@ from rnp_fast.outputs.vetting import vet_output_file
 MAX_JSON_BYTES = 64_000_000  # a result file of ours is small; a bigger one is not read to find out
 
 
-def json_text(data, indent: int | None = 2) -> str:
-    """``data`` as the JSON text rnp-fast writes (one home for every JSON file it saves)."""
-    return json.dumps(data, indent=indent, default=str) + "\n"
+def json_text(data, indent: int | None = 2, sort_keys: bool = False) -> str:
+    """``data`` as the JSON text rnp-fast writes (one home for every JSON file it saves), strict:
+    no NaN or Infinity, which JSON does not have (Python's NaN tokens break other parsers). A
+    figure that was not measured is null with a reason where it is produced; a non-finite float
+    reaching this point is a bug, named by its path."""
+    try:
+        return json.dumps(data, indent=indent, default=str, allow_nan=False, sort_keys=sort_keys) + "\n"
+    except ValueError:
+        path = non_finite_path(data)
+        if path is None:
+            raise
+        raise ValueError(f"{path} is not a finite number: rnp-fast writes no NaN or Infinity to JSON") from None
+
+
+def non_finite_path(data, path: str = "$") -> str | None:
+    """Where in ``data`` the first non-finite float is (``$.timings.total``), or None."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else path
+    if isinstance(data, dict):
+        found = (non_finite_path(value, f"{path}.{key}") for key, value in data.items())
+    elif isinstance(data, (list, tuple)):
+        found = (non_finite_path(value, f"{path}[{i}]") for i, value in enumerate(data))
+    else:
+        return None
+    return next((p for p in found if p is not None), None)
 
 
 def read_small_json(path: Path, limit: int = MAX_JSON_BYTES):

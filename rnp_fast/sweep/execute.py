@@ -36,7 +36,12 @@ METRICS = (
     "pruned",
     "rule",
     "unlearning_stop_epoch",
+    "clean_acc_full_drop",
+    "clean_acc_drop",
+    "verdict",
+    "rule_warning",
 )
+COUNTED = METRICS[:8] + ("clean_acc_full_drop", "clean_acc_drop")  # each with its n and 95 % interval beside it
 
 
 def run_job(job: Job, models_dir: Path, job_dir: Path, device: str, keep_purified: bool) -> dict:
@@ -72,7 +77,12 @@ def run_job_here(job: Job, models_dir: Path, job_dir: Path, device: str, keep_pu
         for name in PURIFIED_FILES:
             (Path(job_dir) / name).unlink(missing_ok=True)
     metrics = {name: summary.get(name) for name in METRICS}
+    for name in COUNTED:
+        metrics.update({key: summary[key] for key in (f"{name}_n", f"{name}_ci95", f"{name}_reason") if key in summary})
     metrics.update(model_clean_acc=trained["clean_acc"], model_asr=trained["asr"])
+    for name, key in (("model_clean_acc", "clean_acc"), ("model_asr", "asr")):  # models trained before: none
+        counted = {f"{name}_{part}": trained.get(f"{key}_{part}") for part in ("n", "ci95")}
+        metrics.update({column: value for column, value in counted.items() if value is not None})
     finished = time.time()
     timings = {
         **summary["timings"],

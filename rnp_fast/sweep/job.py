@@ -76,6 +76,8 @@ def without_unset_later_fields(config: dict) -> dict:
     before them still recognises its finished jobs."""
     if not config["model"].get("arch_kwargs"):
         config["model"].pop("arch_kwargs", None)
+    if not config["rnp"].get("allow_small_holdout"):
+        config["rnp"].pop("allow_small_holdout", None)
     return config
 
 

@@ -64,8 +64,10 @@ def own_report_folder(store: str | Path, target: str | Path):
 def heading(counts: dict) -> str:
     return (
         f"Mean ± standard deviation over seeds ({format_counts(counts)}). Accuracies on the clean test "
-        "images of the non-target classes; ASR and RA (robust accuracy) on the triggered ones; times "
-        "per job in seconds (job: training when the job trained its model, plus the defense).\n\n"
+        "images of the non-target classes; ASR and RA (robust accuracy) on the triggered ones; a row of one "
+        "job also shows its 95 % Wilson interval in brackets (results.csv: every figure's number of images "
+        "and interval); times per job in seconds (job: training when the job trained its model, plus the "
+        "defense).\n\n"
     )
 
 

@@ -34,6 +34,7 @@ from rnp_fast.attacks import TRIGGERS, trigger_parameters
 from rnp_fast.config import SECTIONS as CONFIG_CLASSES
 from rnp_fast.config import AttackConfig, not_identity, seed_paths
 from rnp_fast.errors import UserError
+from rnp_fast.rule_power import check_known_dataset
 from rnp_fast.sweep.job import Job
 from rnp_fast.sweep.sweep_file import SweepFileError, read_yaml
 
@@ -259,6 +260,10 @@ def build_job(values: dict, varied: dict, source: str) -> Job:
             configs[name] = cls(**sections[name])
         except UserError as error:
             raise SweepFileError(source, name, f"{error} (in the job {describe_job(varied)})") from None
+    try:  # the threshold rule's images, counted before any job starts (datasets of known size)
+        check_known_dataset(configs["data"], configs["rnp"])
+    except UserError as error:
+        raise SweepFileError(source, "data", f"{error} (in the job {describe_job(varied)})") from None
     return Job(**configs, varied=varied)
 
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rnp_fast.errors import UserError
-from rnp_fast.outputs import claim_directory
+from rnp_fast.outputs import claim_directory, json_text
 from rnp_fast.sweep.job import Job
 
 DATABASE = "results.sqlite"
@@ -208,7 +208,7 @@ def add_later_columns(connection: sqlite3.Connection) -> None:
 
 
 def dumps(value) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+    return json_text(value, indent=None, sort_keys=True).rstrip("\n")  # the one JSON writer, strict
 
 
 def decode(row: sqlite3.Row) -> dict:

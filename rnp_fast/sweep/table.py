@@ -1,5 +1,8 @@
 """The sweep's results table: mean and standard deviation over seeds, one row per configuration.
 
+Each accuracy and ASR also carries its number of test images and, where a row is one job, its 95 %
+Wilson interval (from the job's summary); over several seeds the spread over seeds is the figure.
+
 Jobs are grouped by every setting except the seeds, so a row never mixes, say, two RNP alphas.
 The columns that name a row are the attack, the architecture, and whichever other settings vary
 across the finished jobs.
@@ -33,6 +36,8 @@ MEASURES = (
     ("train_seconds", "timings", "train", None),
     ("job_seconds", "timings", "job", "job (s)"),
 )
+# The measures that are proportions of test images: n and 95 % interval columns in the CSV.
+COUNTED = ("clean_acc_before", "clean_acc_after", "asr_before", "asr_after", "robust_acc_before", "robust_acc_after")
 
 
 @dataclass
@@ -43,6 +48,13 @@ class Group:
     def values(self, source: str, key: str) -> list[float]:
         found = (row[source].get(key) for row in self.rows)
         return [float(v) for v in found if v is not None]
+
+    def counted(self, key: str) -> tuple[int | None, list[float] | None]:
+        """(images per job, the 95 % interval where the group is one job) of a metric."""
+        sizes = {row["metrics"].get(f"{key}_n") for row in self.rows} - {None}
+        n = min(sizes) if sizes else None
+        interval = self.rows[0]["metrics"].get(f"{key}_ci95") if len(self.rows) == 1 else None
+        return n, interval
 
     def describe(self, skip=("attack",)) -> str:
         shown = [f"{k}={v}" for k, v in self.settings.items() if k not in skip and v != ""]
@@ -103,6 +115,10 @@ def table_rows(names: list[str], groups: list[Group]) -> list[dict]:
         row = {**group.settings, "seeds": len(group.rows)}
         for column, source, key, _ in MEASURES:
             row[f"{column}_mean"], row[f"{column}_std"] = mean_std(group.values(source, key))
+        for column in COUNTED:
+            n, interval = group.counted(column)
+            lo, hi = interval if interval else (None, None)
+            row.update({f"{column}_n": n, f"{column}_ci95_lo": lo, f"{column}_ci95_hi": hi})
         rows.append(row)
     return rows
 
@@ -112,8 +128,15 @@ def to_csv(rows: list[dict]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
     return buffer.getvalue()
+
+
+def csv_cell(value):
+    """Six significant digits; empty for a figure with no value (no "nan" in the file)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else value
 
 
 def to_markdown(names: list[str], rows: list[dict]) -> str:
@@ -124,7 +147,9 @@ def to_markdown(names: list[str], rows: list[dict]) -> str:
         cells = [str(row[n]) for n in names] + [str(row["seeds"])]
         for column, _ in measures:
             digits = 1 if column.endswith("seconds") else 3
-            cells.append(plus_minus(row[f"{column}_mean"], row[f"{column}_std"], digits))
+            cell = plus_minus(row[f"{column}_mean"], row[f"{column}_std"], digits)
+            lo, hi = row.get(f"{column}_ci95_lo"), row.get(f"{column}_ci95_hi")
+            cells.append(cell if lo is None else f"{cell} [{lo:.{digits}f}, {hi:.{digits}f}]")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
