@@ -38,6 +38,8 @@ DIGITS = ["--dataset", "digits", "--width", str(TINY_WIDTH), "--device", "cpu", 
 SHORT = ["--ratio", "0.1", "--batch-size", "32", "--unlearning-epochs", "0", "--recovering-epochs", "1"]
 SHORT += ["--allow-small-holdout"]  # 12 held-out images: tiny data
 SWEEP = "name: s\nfixed: {data: {dataset: digits}, model: {width: 0.125}}\n"
+# A sweep whose jobs the threshold rule can judge (enough held-out images): refused only for what a case adds
+RUNNABLE_SWEEP = "name: s\nfixed: {data: {dataset: digits, ratio: 0.3, holdout: 0.3}, model: {width: 0.125}}\n"
 
 
 def tiny_masks() -> list[Channel]:
@@ -200,8 +202,8 @@ def write_count_sweep_files(folder: Path) -> None:
     (folder / "dup_name.yaml").write_text("name: a\n" + SWEEP + "axes: {seed: [0]}\n")
     huge = "name: s\nfixed:\n  data: {dataset: digits}\n  train: {epochs: 1000000000}\naxes: {seed: [0]}\n"
     (folder / "huge_epochs.yaml").write_text(huge)
-    (folder / "huge_axis.yaml").write_text(SWEEP + "axes: {rnp.recovering_epochs: [1, 100000000000]}\n")
-    (folder / "tiny_step.yaml").write_text(SWEEP + "axes: {rnp.pruning_step: [0.05, 0.000000001]}\n")
+    (folder / "huge_axis.yaml").write_text(RUNNABLE_SWEEP + "axes: {rnp.recovering_epochs: [1, 100000000000]}\n")
+    (folder / "tiny_step.yaml").write_text(RUNNABLE_SWEEP + "axes: {rnp.pruning_step: [0.05, 0.000000001]}\n")
 
 
 @pytest.fixture
@@ -801,7 +803,7 @@ def test_a_full_disk_mid_run_is_one_line_exit_1_and_the_previous_result_stays(wo
 def test_an_os_error_outside_a_run_folder_is_one_line_exit_1(tmp_path, capsys):
     """A sweep store whose sweep.log cannot be written (here: a folder of that name)."""
     sweep = tmp_path / "s.yaml"
-    sweep.write_text(SWEEP + "axes: {seed: [0]}\n")
+    sweep.write_text(RUNNABLE_SWEEP + "axes: {seed: [0]}\n")
     store = tmp_path / "st"
     store.mkdir()
     mark(store, "sweep store")
