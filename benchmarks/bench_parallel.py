@@ -43,7 +43,7 @@ SWEEP = """\
 name: digits-4
 keep_purified: false
 fixed:
-  data: {{dataset: digits, ratio: 0.3, batch_size: 32, augment: false}}
+  data: {{dataset: digits, ratio: 0.3, holdout: 0.3, batch_size: 32, augment: false}}
   model: {{arch: resnet18, width: 0.125}}
   train: {{epochs: {epochs}, lr: 0.05}}
   rnp: {{unlearning_lr: 0.005{rnp}}}

@@ -42,3 +42,10 @@ def synced():
         return call
 
     return wrap
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """The saved JSON keeps every statistic of every row but not each round's raw time (tens of
+    thousands of numbers for the fast rows: megabytes in the repository, nothing read from them)."""
+    for row in output_json["benchmarks"]:
+        row["stats"].pop("data", None)
