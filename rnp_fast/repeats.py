@@ -175,9 +175,16 @@ def headline(result: dict) -> str:
         f"{success['count']} of {success['of']} seeds ({success['rate']:.0%}, 95 % interval {lo:.0%}-{hi:.0%}); "
         f"on non-target clean accuracy {result['success_nontarget']['count']} of {success['of']}; "
         f"some threshold of the schedule would have succeeded on {result['any_threshold_succeeds']['count']}; "
-        f"ASR after {result['asr_after']['mean']:.3f} +- {result['asr_after']['std']:.3f}"
-        + (f"; {result['seconds']['mean']:.1f} s per seed" if result.get("seconds") else "")
+        f"ASR after {result['asr_after']['mean']:.3f} +- {result['asr_after']['std']:.3f}" + seconds_text(result)
     )
+
+
+def seconds_text(result: dict) -> str:
+    """Each seed's own seconds; with several at once a seed's seconds are a worker's, not the wall's."""
+    if not result.get("seconds"):
+        return ""
+    at_once = result.get("processes", 1)
+    return f"; {result['seconds']['mean']:.1f} s per seed" + (f" ({at_once} at once)" if at_once > 1 else "")
 
 
 def threshold_text(threshold: float | None) -> str:

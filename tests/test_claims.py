@@ -172,6 +172,56 @@ def sweep_figures() -> SimpleNamespace:
     )
 
 
+def micro_figures() -> SimpleNamespace:
+    """`make bench-micro`: each row's median in ms, named by its variant (``pytorch_eager_fwd``)."""
+    micro = load("micro_cpu.json")
+    variant = re.compile(r"\[(.*)\]")
+    ms = {
+        re.sub(r"\W", "_", variant.search(row["name"]).group(1)): row["stats"]["median"] * 1e3
+        for row in micro["benchmarks"]
+    }
+    return SimpleNamespace(
+        **ms,
+        fused_x_unlearn=ms["one_at_a_time_unlearn"] / ms["fused_unlearn"],
+        fused_x_recover=ms["one_at_a_time_recover"] / ms["fused_recover"],
+    )
+
+
+def parallel_figures() -> SimpleNamespace:
+    """benchmarks/bench_parallel.py: one job at a time against the default, step rates, fused arrays."""
+    bench = load("parallel_digits_cpu.json")
+
+    def speedups(stage: str) -> str:
+        values = [f"{case['fused_speedup']:.2f}x" for case in bench["fused"][stage].values()]
+        return ", ".join(values[:-1]) + " and " + values[-1]
+
+    def worst(stage: str) -> float:
+        return max(case["max_abs_difference_after_the_steps"]["parameters"] for case in bench["fused"][stage].values())
+
+    return SimpleNamespace(
+        b=namespace(bench),
+        step1=bench["step_rate"]["threads_1"]["fraction_of_matmul_rate"] * 100,
+        step2=bench["step_rate"]["threads_2"]["fraction_of_matmul_rate"] * 100,
+        runs=len(bench["sweep"]["one_at_a_time"]["runs_s"]),
+        unlearn=speedups("unlearn"),
+        recover=speedups("recover"),
+        unlearn_worst=f"{worst('unlearn'):.1e}".replace("e-0", "e-"),
+        recover_worst=f"{worst('recover'):.1e}".replace("e-0", "e-"),
+    )
+
+
+def agreeing_seeds(study: dict, per_seed: list[dict]) -> str:
+    """'all N seeds' when the study's `paper` variant and `demo --repeats` agree on every seed's
+    pruned count, ASR and full-test clean accuracy, else 'K of N seeds'."""
+    paper = {r["seed"]: r["variants"]["paper"]["after"] for r in study["records"] if r["model"] == "demo"}
+    same = sum(
+        (paper[r["seed"]]["pruned"], paper[r["seed"]]["asr"], paper[r["seed"]]["clean_full"])
+        == (r["pruned"], r["asr_after"], r["clean_acc_full_after"])
+        for r in per_seed
+    )
+    return f"all {same} seeds" if same == len(per_seed) else f"{same} of {len(per_seed)} seeds"
+
+
 def saved_figures() -> dict:
     """Every source as saved in benchmarks/results/."""
     single = load("demo_cpu.json")["runs"]["single"]
@@ -185,6 +235,9 @@ def saved_figures() -> dict:
         "study": study_figures(),
         "bench": bench_figures(),
         "sweep": sweep_figures(),
+        "agree": agreeing_seeds(load("robustness_digits_cpu.json"), repeats["data"]["repeats"]["per_seed"]),
+        "micro": micro_figures(),
+        "par": parallel_figures(),
     }
 
 
@@ -194,7 +247,7 @@ def saved_figures() -> dict:
 
 CLAIMS = [
     # README: Quick start
-    ("README.md", "its defense takes {data.seconds:.0f} s on an idle 2-core CPU"),
+    ("README.md", "its defense takes {demo.s.seconds:.0f} s on an idle 2-core CPU"),
     (
         "README.md",
         "On this model the chosen threshold {demo.removes} (ASR {demo.s.asr_before:.2f} -> {demo.s.asr_after:.2f}) at "
@@ -204,7 +257,7 @@ CLAIMS = [
         "{data.r.success.of}",
     ),
     # README: Demo
-    ("README.md", "the log says `{demo.after_line}`"),
+    ("README.md", "Its log says (95 % intervals in brackets): ```\n{demo.after_line}\n```"),
     (
         "README.md",
         "| before | {demo.s.clean_acc_before:.3f} | {demo.s.asr_before:.3f} | {demo.s.clean_acc_full_before:.3f} |",
@@ -301,16 +354,83 @@ CLAIMS = [
         "{order.asr_list} at full-test clean accuracy {order.clean_full_list}.",
     ),
     ("docs/efficacy.md", "per demo seed (ASR after / full-test clean drop in points) {study.per_seed}."),
-    (
-        "docs/efficacy.md",
-        "seed 8 by one channel ({study.seed8.after.pruned} pruned against {data.seeds[8][pruned]}, ASR "
-        "{study.seed8.after.asr:.3f} against {data.seeds[8][asr_after]:.3f})",
-    ),
+    ("docs/efficacy.md", "the study's `paper` variant (one thread per process) give the same figures on {agree}"),
     (
         "docs/efficacy.md",
         "(seed 0: ASR {data.seeds[0][asr_after]:.2f}, full-test clean {data.seeds[0][clean_acc_full_after]:.3f}, "
         "{data.seeds[0][pruned]} channels pruned at threshold {data.seeds[0][threshold]:g}, as the shipped demo; "
         "seed 9: ASR {data.seeds[9][asr_after]:.3f}, {data.seeds[9][pruned]} pruned)",
+    ),
+    # docs/performance.md: many defenses on one CPU
+    (
+        "docs/performance.md",
+        "runs at {par.step1:.0f} % of this CPU's fp32 matrix-product rate with one thread and at {par.step2:.0f} % "
+        "with two",
+    ),
+    (
+        "docs/performance.md",
+        "On this machine ({par.b.cpu_model}, {par.b.machine.cores_available} cores available, idle), medians of "
+        "{par.runs} runs after a warm-up",
+    ),
+    (
+        "docs/performance.md",
+        "| 4-job digits sweep (README's, BadNets and Blend x 2 seeds, 20 training epochs) | "
+        "{par.b.sweep.one_at_a_time.median_s:.0f} s | {par.b.sweep.default.median_s:.0f} s | "
+        "{par.b.sweep.one_at_a_time.defenses_per_hour:.0f} -> {par.b.sweep.default.defenses_per_hour:.0f} | "
+        "{par.b.sweep.one_at_a_time_over_default:.2f}x |",
+    ),
+    (
+        "docs/performance.md",
+        "| `rnp-fast demo --repeats 4` | {par.b.repeats.one_at_a_time.median_s:.0f} s | "
+        "{par.b.repeats.default.median_s:.0f} s | {par.b.repeats.one_at_a_time.defenses_per_hour:.0f} -> "
+        "{par.b.repeats.default.defenses_per_hour:.0f} | {par.b.repeats.one_at_a_time_over_default:.2f}x |",
+    ),
+    (
+        "docs/performance.md",
+        "fused is {par.unlearn} as fast at K = 1, 2, 4, 8, 16 for unlearning and {par.recover} for recovering",
+    ),
+    (
+        "docs/performance.md",
+        "fusing 4 models paid {micro.fused_x_unlearn:.1f}x for unlearning and {micro.fused_x_recover:.1f}x for "
+        "recovering",
+    ),
+    (
+        "docs/performance.md",
+        "differ from the separate ones by up to {par.unlearn_worst} (unlearning) and {par.recover_worst} "
+        "(recovering) on a parameter",
+    ),
+    # docs/performance.md: the micro-benchmarks (ms)
+    (
+        "docs/performance.md",
+        "| masked BatchNorm, forward | eager {micro.pytorch_eager_fwd:.3f} ms, compiled "
+        "{micro.pytorch_compiled_fwd:.3f} ms, operator {micro.operator_fwd:.3f} ms, Triton interpreter "
+        "{micro.triton_kernels_fwd:.1f} ms |",
+    ),
+    (
+        "docs/performance.md",
+        "| masked BatchNorm, forward + backward | eager {micro.pytorch_eager_fwd_bwd:.3f} ms, compiled "
+        "{micro.pytorch_compiled_fwd_bwd:.3f} ms, operator {micro.operator_fwd_bwd:.3f} ms, Triton interpreter "
+        "{micro.triton_kernels_fwd_bwd:.1f} ms |",
+    ),
+    (
+        "docs/performance.md",
+        "| scoring the candidates | sequential {micro.sequential:.0f} ms, reference {micro.reference:.0f} ms, "
+        "batched {micro.batched:.0f} ms (no shared prefix: see above) |",
+    ),
+    (
+        "docs/performance.md",
+        "| a learning step (demo model, batch 32) | eager {micro.eager:.1f} ms, compiled {micro.compiled:.1f} ms |",
+    ),
+    (
+        "docs/performance.md",
+        "| an epoch of augmented defense images | device-resident loader {micro.device:.1f} ms, DataLoader "
+        "{micro.dataloader:.1f} ms |",
+    ),
+    (
+        "docs/performance.md",
+        "| one step of 4 models (width 0.125, batch 16) | unlearn: one at a time "
+        "{micro.one_at_a_time_unlearn:.0f} ms, fused {micro.fused_unlearn:.0f} ms; recover: "
+        "{micro.one_at_a_time_recover:.0f} ms, {micro.fused_recover:.0f} ms |",
     ),
 ]
 # whole tables and files: every rendered line must appear

@@ -50,6 +50,15 @@ def test_success_needs_both_a_low_asr_and_a_small_clean_drop():
     assert "1 of 4 seeds" in headline(result)
 
 
+def test_the_headline_says_when_seeds_ran_side_by_side():
+    """A seed's seconds are its worker's: with 2 at once they are not the wall time per seed."""
+    timed = [replace(outcome(seed, asr=0.05, clean_full=0.97), seconds=30.0) for seed in (0, 1)]
+    result = aggregate(timed, Goal())
+    assert headline(result).endswith("; 30.0 s per seed")
+    assert headline({**result, "processes": 2}).endswith("; 30.0 s per seed (2 at once)")
+    assert "s per seed" not in headline(aggregate([outcome(0, asr=0.05, clean_full=0.97)], Goal()))
+
+
 def test_thresholds_of_success_are_configurable():
     loose = aggregate([outcome(0, asr=0.3, clean_full=0.95)], Goal(max_asr=0.5, max_clean_drop=0.05))
     strict = aggregate([outcome(0, asr=0.3, clean_full=0.95)], Goal())

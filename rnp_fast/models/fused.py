@@ -183,7 +183,7 @@ class StepArray:
                 if key.endswith("num_batches_tracked"):
                     continue
                 kind = "parameters" if key in learned else "running_stats"
-                difference = (value.float() - state[key].float()).abs().max().item()
+                difference = (value.double() - state[key].double()).abs().max().item()
                 worst[kind] = max(worst[kind], difference)
         return worst
 
