@@ -11,6 +11,7 @@ inline code must belong to a quote, so a new figure there cannot go unchecked.
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import json
 import re
@@ -125,7 +126,7 @@ def study_figures() -> SimpleNamespace:
         r["histogram"]["collapse_class_share"] == 1.0 and r["histogram"]["collapse_class"] == 0 for r in demo
     )
     with open(RESULTS / "robustness_digits_cpu.csv", newline="") as handle:
-        rows = [study_row(line) for line in csv.DictReader(handle)]
+        rows = [benchmark_module("robustness_study").table_row(line) for line in csv.DictReader(handle)]
     return SimpleNamespace(
         per_seed=per_seed,
         seed0=namespace(paper[0]),
@@ -136,17 +137,15 @@ def study_figures() -> SimpleNamespace:
     )
 
 
-def study_row(line: dict) -> str:
-    """docs/efficacy.md's results table row for one csv line."""
-
-    def pct(key: str) -> str:
-        return f"{float(line[key]):.0%}"
-
-    return (
-        f"| {line['model']} | {line['variant']} | {line['seeds']} | {pct('success_rate')} +- {pct('success_rate_se')} "
-        f"| {pct('success_rate_nontarget_clean')} | {pct('oracle_rate')} | {float(line['asr_after_median']):.3f} "
-        f"| {float(line['clean_full_drop_median']) * 100:.1f} | {float(line['target_class_acc_median']):.2f} |"
-    )
+@functools.cache
+def benchmark_module(name: str):
+    """A script of benchmarks/ as a module (its table renderers are the one home of its format);
+    registered under its name while it loads, as dataclasses need."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def bench_figures() -> SimpleNamespace:
@@ -531,13 +530,6 @@ def test_docs_link_and_cite_only_files_inside_the_repository():
 # Heavy: the saved results against a fresh demo
 
 
-def demo_runs_module():
-    spec = importlib.util.spec_from_file_location("demo_runs", REPO / "benchmarks" / "demo_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 FIGURES = ("clean_acc_before", "asr_before", "clean_acc_after", "asr_after", "clean_acc_full_before")
 FIGURES += ("clean_acc_full_after", "robust_acc_before", "robust_acc_after", "der")
 
@@ -546,7 +538,7 @@ FIGURES += ("clean_acc_full_after", "robust_acc_before", "robust_acc_after", "de
 def test_the_saved_demo_results_are_what_the_demo_prints(demo_run):
     out, printed_text, _ = demo_run
     fresh = json.loads((out / "summary.json").read_text())
-    printed = demo_runs_module().printed_lines(printed_text)
+    printed = benchmark_module("demo_runs").printed_lines(printed_text)
     saved = load("demo_cpu.json")["runs"]["single"]
     seed0 = load("demo_repeats_cpu.json")["runs"]["data"]["repeats"]["per_seed"][0]
     for key in FIGURES:  # as the log prints them: 4 decimals
