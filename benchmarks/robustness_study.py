@@ -403,8 +403,8 @@ def report(records: list[dict], args, device) -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| model | variant | seeds | success (full-test clean) [95 % interval] | success (non-target clean) | any threshold "
-        "| median ASR after | median clean drop (points) | median target-class acc |",
+        "| model | variant | seeds | success (full-test clean) [95 % interval] | success (non-target clean) "
+        "| any threshold | median ASR after | median clean drop (points) | median target-class acc |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(lines + [table_row(r) for r in rows]) + "\n"
