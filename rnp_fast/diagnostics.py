@@ -59,10 +59,12 @@ class ClassHistogram:
         )
 
     def as_dict(self) -> dict:
+        """The histogram for diagnostics.json; with no images counted there is no collapse class
+        (null, as JSON has no NaN)."""
         return {
             "counts": self.counts,
-            "collapse_class": self.top_class,
-            "collapse_class_share": self.top_share,
+            "collapse_class": self.top_class if self.total else None,
+            "collapse_class_share": self.top_share if self.total else None,
             "collapse_class_worth": COLLAPSE_CLASS_WORTH,
         }
 
@@ -92,11 +94,8 @@ class TargetReport:
     def as_dict(self, labels: list[float]) -> dict:
         """The JSON of diagnostics.json: a class without held-out images has accuracy null (JSON
         has no NaN), its count 0 saying why."""
-        histogram = self.histogram.as_dict() if self.histogram else None
-        if histogram is not None and not self.histogram.total:
-            histogram["suspected_target_share"] = None
         return {
-            "unlearned_prediction_histogram": histogram,
+            "unlearned_prediction_histogram": self.histogram.as_dict() if self.histogram else None,
             "holdout_images_per_class": self.per_class_n,
             "holdout_acc_per_class_unpruned": finite_or_none(self.base),
             "holdout_acc_per_class": [

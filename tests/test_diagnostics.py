@@ -1,16 +1,19 @@
 """Target-class diagnostics: the predicted-class histogram and per-class accuracy per candidate."""
 
+import json
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from rnp_fast.diagnostics import COLLAPSE_CLASS_WORTH, ClassHistogram, predicted_class_histogram
+from rnp_fast.diagnostics import COLLAPSE_CLASS_WORTH, ClassHistogram, TargetReport, predicted_class_histogram
 from rnp_fast.evaluation.metrics import per_class_accuracy
 from rnp_fast.evaluation.scoring import ScoringOptions, holdout_accuracies
 from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.models import build_model
+from rnp_fast.outputs import json_text
 from rnp_fast.prune import Channel, PruneStep
 
 TINY_RNP = dict(unlearning_epochs=1, recovering_epochs=2, pruning_step=0.3, allow_small_holdout=True)
@@ -50,6 +53,18 @@ def test_a_collapsed_model_names_its_class():
     saved = histogram.as_dict()
     assert saved["collapse_class"] == 7 and saved["collapse_class_share"] == 1.0
     assert saved["collapse_class_worth"] == COLLAPSE_CLASS_WORTH
+
+
+def test_a_histogram_of_no_images_names_no_class_and_stays_strict_json():
+    report = TargetReport(ClassHistogram([0, 0, 0]), [math.nan] * 3, [[math.nan] * 3], [0, 0, 0])
+    saved = json.loads(json_text(report.as_dict([0.0])))
+    assert saved["unlearned_prediction_histogram"] == {
+        "counts": [0, 0, 0],
+        "collapse_class": None,
+        "collapse_class_share": None,
+        "collapse_class_worth": COLLAPSE_CLASS_WORTH,
+    }
+    assert saved["holdout_acc_per_class_unpruned"] == [None] * 3
 
 
 def test_histogram_ties_go_to_the_lowest_class():
