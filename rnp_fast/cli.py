@@ -284,8 +284,9 @@ def run_demo(args) -> dict:
     from rnp_fast.demo import demo_job
     from rnp_fast.demo import run_demo as demo
 
-    result = repeated(demo_job(args.out, config_from_args(EngineConfig, args), goal), args)
-    return demo(args.out, config_from_args(EngineConfig, args), goal) if result is None else result
+    engine = config_from_args(EngineConfig, args)
+    result = repeated(demo_job(args.out, engine, goal), args)
+    return demo(args.out, engine, goal) if result is None else result
 
 
 def run_sweep_command(args) -> dict:

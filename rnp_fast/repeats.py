@@ -60,10 +60,6 @@ class SeedOutcome:
     collapse_class: int | None = None  # the unlearned model's top predicted class (diagnostics)
     seconds: float | None = None  # this seed's defense, wall time (data to purified model)
 
-    def success(self, goal: Goal) -> bool:
-        verdict = judge(self.before, self.after, goal)
-        return verdict is not None and verdict.success
-
     def success_nontarget(self, goal: Goal) -> bool:
         verdict = judge(self.before, self.after, goal, full=False)
         return verdict is not None and verdict.success
@@ -86,7 +82,7 @@ class SeedOutcome:
             "clean_acc_full_before": self.before.clean_acc_full,
             "clean_acc_full_after": self.after.clean_acc_full,
             "clean_full_drop": self.before.clean_acc_full - self.after.clean_acc_full,
-            "success": self.success(goal),
+            "success": verdict is not None and verdict.success,
             "success_nontarget": self.success_nontarget(goal),
             "any_threshold_succeeds": self.any_threshold(goal),
             "collapse_class": self.collapse_class,
