@@ -29,7 +29,9 @@ rate <= 10 %. Phases, each resumable (models, then one JSON line per measured mo
 
 from __future__ import annotations
 
+import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -83,7 +85,7 @@ class ModelSpec:
 
     def job(self, epochs: int | None = None):
         """The attack table's training job for this model (its first job: every job shares the recipe)."""
-        job = load_sweep(TABLE_SWEEP).jobs[0]
+        job = table_job()
         attack = replace(
             job.attack,
             attack=self.attack or "badnets",  # clean: the test sets still need some trigger
@@ -104,6 +106,12 @@ class ModelSpec:
         )
 
 
+@functools.cache
+def table_job():
+    """The attack table's first job (read once: every model's job is built from it)."""
+    return load_sweep(TABLE_SWEEP).jobs[0]
+
+
 def study_models(per_width: int = 6, per_attack_width: int = 2) -> list[ModelSpec]:
     """Clean: seeds 0..per_width-1 at each width. Backdoored: per attack and width, the next
     ``per_attack_width`` seeds, the target moved with the seed (3 seed + the attack's index, mod 10)
@@ -122,11 +130,20 @@ def study_models(per_width: int = 6, per_attack_width: int = 2) -> list[ModelSpe
     return ordered
 
 
-def shard(items: list, text: str | None) -> list:
-    """``I/N``: every N-th item from the I-th (two processes split the work)."""
-    if not text:
-        return items
-    index, count = (int(part) for part in text.split("/"))
+def shard_flag(text: str) -> tuple[int, int]:
+    """``--shard I/N`` as (I, N), with 0 <= I < N (else one line from argparse, exit 2)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"I/N needs 0 <= I < N, got {text!r}")
+    return index, count
+
+
+def shard(items: list, share: tuple[int, int]) -> list:
+    """Every N-th item from the I-th of ``share`` (I, N): two processes split the work."""
+    index, count = share
     return items[index::count]
 
 
@@ -162,6 +179,11 @@ class Settings:
     margin_steps: int = 100  # MM-BD: gradient-ascent steps (the classes' order is settled by then)
     train_epochs: int | None = None  # None: the recipe's
     implanted_asr: float = 0.5  # a backdoored model below this ASR did not take the backdoor: left out
+
+    @property
+    def rnp_config(self) -> RNPConfig:
+        """The demo's RNP settings with this study's changes (``rnp``)."""
+        return RNPConfig(**DEMO_RNP, **dict(self.rnp))
 
 
 STUDY = Settings()
@@ -246,7 +268,7 @@ def runner_up_counts(model: nn.Module, run, seed: int) -> dict:
 
 def model_statistics(model: nn.Module, run, settings: Settings) -> tuple[dict, dict[int, nn.Module]]:
     """Every clean-data statistic of one model, and its unlearned models by seed."""
-    rnp = RNPConfig(**DEMO_RNP, **dict(settings.rnp))
+    rnp = settings.rnp_config
     traces, unlearned = [], {}
     for seed in settings.unlearning_seeds:
         trace, unlearned[seed] = unlearning_trace(model, run, seed, rnp)
@@ -269,9 +291,9 @@ def defend(spec: ModelSpec, path: Path, run, backdoored: nn.Module, unlearned: n
         out=None,
         model=run.model,
         data=replace(run.data, seed=seed),
-        attack=spec.job().attack,
-        rnp=RNPConfig(**DEMO_RNP, **dict(settings.rnp)),
-        engine=EngineConfig(device="cpu", quiet=True),
+        attack=run.attack,  # the model's own (study_run resolved it from spec.job())
+        rnp=settings.rnp_config,
+        engine=run.engine_config,
     )
     return compute_defense(job, run, Inputs(backdoored, unlearned), seed=seed, order_seed=order)
 
@@ -282,7 +304,7 @@ def purified_record(spec: ModelSpec, path: Path, run, model, measured: dict, unl
     if order in (None, seed) and seed in unlearned:
         start = unlearned[seed]  # the defense's own unlearning: measured already
     else:
-        start = unlearning_trace(model, run, seed, RNPConfig(**DEMO_RNP, **dict(settings.rnp)), order)[1]
+        start = unlearning_trace(model, run, seed, settings.rnp_config, order)[1]
     defense = defend(spec, path, run, model, start, draw, settings)
     after, chosen = defense.pruning.after, defense.pruning.chosen
     pruned = chosen.count if chosen else 0
@@ -698,7 +720,9 @@ def main() -> None:
     parser = harness.parser(__doc__)
     parser.add_argument("phase", choices=("train", "measure", "demo", "report", "dry-run"))
     parser.add_argument("--work", required=True, help="models and records live here (resumable)")
-    parser.add_argument("--shard", help="I/N: this process's share of the models (train, measure)")
+    parser.add_argument(
+        "--shard", type=shard_flag, default=(0, 1), help="I/N: this process's share of the models (train, measure)"
+    )
     parser.add_argument("--markdown", help="report: also write the AUC table as Markdown here")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread per process: deterministic figures, two processes on two cores
@@ -709,8 +733,7 @@ def main() -> None:
     if args.phase in ("train", "dry-run"):
         train_models(shard(specs, args.shard), work, settings.train_epochs)
     if args.phase in ("measure", "dry-run"):
-        index = (args.shard or "0/1").split("/")[0]
-        measure_models(shard(specs, args.shard), work, settings, work / f"records{index}.jsonl")
+        measure_models(shard(specs, args.shard), work, settings, work / f"records{args.shard[0]}.jsonl")
     if args.phase == "demo" and DEMO.name not in {r["name"] for r in read_records(work)}:
         from rnp_fast.demo import demo_checkpoint
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from rnp_fast.loaders.sources import ImageSet
 from rnp_fast.masked_batchnorm import MaskedBatchNorm2d, masked_batchnorm_layers
 from rnp_fast.prune import Channel, PruneStep, lowest_step, rank_channels, threshold_schedule
 from rnp_fast.recover import recover
+from rnp_fast.repeats import rate
 from rnp_fast.resolved import resolve_run
 from rnp_fast.select import choose_step
 from rnp_fast.unlearn import unlearn
@@ -320,13 +320,13 @@ def summary_row(model: str, variant: str, outcomes: list[dict]) -> dict:
         a["asr"] <= ASR_GOAL and o["before"]["clean_nontarget"] - a["clean_nontarget"] <= CLEAN_DROP_GOAL + 1e-9
         for o, a in zip(outcomes, afters, strict=True)
     ]
-    rate = sum(a["success"] for a in afters) / len(afters)
+    success = rate([a["success"] for a in afters])
     return {
         "model": model,
         "variant": variant,
         "seeds": len(outcomes),
-        "success_rate": rate,
-        "success_rate_se": math.sqrt(rate * (1 - rate) / len(afters)),  # kept for older readers; 0 at 0 %
+        "success_rate": success["rate"],
+        "success_rate_se": success["std_error"],  # kept for older readers; 0 at 0 %
         "success_rate_nontarget_clean": sum(nontarget_ok) / len(afters),
         "oracle_rate": sum(o["oracle"] for o in outcomes) / len(outcomes),
         "asr_after_median": statistics.median(a["asr"] for a in afters),

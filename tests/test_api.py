@@ -152,7 +152,7 @@ def test_save_writes_the_clis_run_directory_and_never_over_a_foreign_folder(api_
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in cli_run[0].iterdir())
     assert "Model Recovering" in (out / "output.log").read_text()
     summary = strict_json_files(out)["summary.json"]  # no NaN: a figure not measured is null with its reason
-    assert summary["robust_acc_before_n"] == 0 or summary["robust_acc_before"] is not None
+    assert summary["robust_acc_before_n"] > 0 and summary["robust_acc_before"] is not None  # true labels given
     assert summary["clean_acc_full_drop_n"] == summary["clean_acc_full_before_n"] > 0
     result.save(tmp_path / "api")  # its own folder: replaced
     foreign = tmp_path / "theirs"

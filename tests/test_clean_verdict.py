@@ -148,6 +148,7 @@ def test_the_dry_run_trains_measures_and_reports(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
+    assert "trained" in result.stdout  # the first run trains: the resumed run below must not
     saved = json.loads(out.read_text())
     assert saved["groups"]["clean"]["n"] == 1 and saved["groups"]["backdoored"]["n"] == 1
     assert saved["groups"]["purified"]["n"] == 1

@@ -722,7 +722,8 @@ def test_only_leftovers_proven_ours_are_removed_or_put_back(tmp_path):
     clean_up_after_killed_runs(tmp_path)  # what a sweep does for its jobs/ and models/
     assert not ours.exists() and not set_aside.exists()
     assert json.loads((target / "summary.json").read_text()) == {"new": 1}  # put back
-    assert all((tmp_path / folder).is_dir() for folder in user_files)
+    user_paths = {k: v for k, v in tree_digest(tmp_path).items() if k.startswith(tuple(user_files))}
+    assert user_paths == {k: v for k, v in before.items() if k.startswith(tuple(user_files))}
 
 
 WRITERS = """

@@ -151,15 +151,31 @@ def test_a_sweep_is_refused_when_expanded_naming_the_job(tmp_path):
     assert len(jobs) == 2 and all(job.rnp.allow_small_holdout for job in jobs)
 
 
-def test_the_opt_in_left_unset_keeps_a_jobs_hash():
-    """Stores made before the flag existed still recognise their finished jobs."""
+def test_the_opt_in_left_unset_keeps_a_jobs_hash(tmp_path):
+    """Stores made before the flag existed still recognise their finished jobs: the job's hash is
+    the one rnp-fast computed before --allow-small-holdout existed (commit 515bfe1)."""
     from dataclasses import replace
 
     from rnp_fast.sweep.job import without_unset_later_fields
 
     config = {"model": {}, "rnp": {"alpha": 0.2, "allow_small_holdout": False}}
     assert without_unset_later_fields(config)["rnp"] == {"alpha": 0.2}
-    assert replace(RNPConfig(), allow_small_holdout=True) != RNPConfig()
+    path = tmp_path / "hash.yaml"
+    path.write_text(HASHED_SWEEP, encoding="utf-8")
+    job = load_sweep(path).jobs[0]
+    assert (job.hash, job.train_hash) == ("eddfd4fceff5a21d", "60b864543b12781e")
+    assert replace(job, rnp=replace(job.rnp, allow_small_holdout=True)).hash != job.hash
+
+
+HASHED_SWEEP = """\
+name: hash-check
+fixed:
+  data: {dataset: digits, ratio: 0.3, holdout: 0.3, batch_size: 32}
+  model: {arch: resnet18, width: 0.125}
+  train: {epochs: 2}
+axes:
+  seed: [0]
+"""
 
 
 def test_a_wide_interval_on_enough_images_runs_with_a_warning():
