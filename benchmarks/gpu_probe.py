@@ -73,7 +73,7 @@ from rnp_fast.errors import UserError
 from rnp_fast.harness import workloads
 from rnp_fast.harness.budget import T0_VARIABLE, Budget, clock_start, run_capped
 from rnp_fast.kernels import auto_table
-from rnp_fast.outputs import save_json
+from rnp_fast.outputs import PROBE_RESULT, save_json
 from rnp_fast.provenance import provenance, versions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -887,7 +887,7 @@ def section_caps(text: str) -> dict[str, float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = harness.parser(__doc__)
+    parser = harness.parser(__doc__, kind=PROBE_RESULT)
     parser.add_argument("--dry-run", action="store_true", help="the CPU with tiny sizes (CI: about two minutes)")
     parser.add_argument("--budget-s", type=float, default=480.0, help=f"seconds from ${T0_VARIABLE} or the start")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma separated, of: {', '.join(SECTIONS)}")
@@ -965,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
         report.update(started_at=budget.started_at, sizes=asdict(DRY if args.dry_run else GPU), sections={})
         report.update(caches=private_caches(workdir), auto_table_path=str(args.auto_table))
         probe = Probe(args, device, DRY if args.dry_run else GPU, workdir, budget, budget.deadline(), lambda: None)
-        probe.save = lambda: save_json(json.loads(json.dumps(report, default=str)), args.out, kind="probe result")
+        probe.save = lambda: save_json(json.loads(json.dumps(report, default=str)), args.out, kind=PROBE_RESULT)
         probe.checkpoint()
         run_probe(probe, report)
         report["total_s"] = budget.spent()

@@ -310,10 +310,10 @@ def run_report(args) -> dict:
 def run_bench_command(args) -> None:
     """Prints the table (and saves the JSON with --out) instead of a summary."""
     from rnp_fast.bench import format_table, run_bench, save_result
-    from rnp_fast.outputs import is_our_json, refuse_other_json_kind, vet_output_file
+    from rnp_fast.outputs import BENCH_RESULT, vet_json_result
 
     if args.out is not None:  # checked before the benchmark, not after it
-        refuse_other_json_kind(vet_output_file(args.out, owned=is_our_json), "bench result", "--out")
+        vet_json_result(args.out, BENCH_RESULT)
     result = run_bench(config_from_args(BenchConfig, args), progress=lambda line: print(line, file=sys.stderr))
     print(format_table(result))
     if args.out is not None:

@@ -171,3 +171,26 @@ def test_bench_parallel_times_one_at_a_time_against_the_default(tmp_path, monkey
     bench_parallel = importlib.import_module("bench_parallel")
     sweep = bench_parallel.sweep_run(tmp_path, "default", 0, dry_run=True)  # the sweep workload's path
     assert sweep["defenses"] == 4 and "job(s) at once, one torch thread each" in sweep["first_log_line"]
+
+
+def test_a_scripts_out_is_checked_before_its_work(harness, tmp_path):
+    """--out is vetted as the flags are read, not after minutes of measuring: the user's file is
+    refused (one line, exit 2, untouched); a result of ours of the script's kind is accepted, and
+    the GPU probe's parser takes its own kind."""
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text('{"mine": 1}')
+    refused = script("readme_sweep.py", "--out", str(theirs))
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .endswith("was not made by rnp-fast; choose another --out or remove it yourself")
+    )
+    assert "Traceback" not in refused.stderr and theirs.read_text() == '{"mine": 1}'
+    bench, probe = tmp_path / "bench.json", tmp_path / "probe.json"
+    bench.write_text('{"made_by": "rnp-fast", "kind": "bench result"}')
+    probe.write_text('{"made_by": "rnp-fast", "kind": "probe result"}')
+    assert harness.parser("A benchmark.").parse_args(["--out", str(bench)]).out == str(bench)
+    with pytest.raises(SystemExit):
+        harness.parser("A benchmark.").parse_args(["--out", str(probe)])
+    assert harness.parser("The probe.", kind="probe result").parse_args(["--out", str(probe)]).out == str(probe)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rnp_fast.outputs import json_text, save_json
+from rnp_fast.outputs import BENCH_RESULT, json_text, save_json
 from rnp_fast.provenance import provenance
 
 
@@ -20,7 +20,7 @@ def with_provenance(result: dict, device: torch.device | str, command: str | Non
 def save(result: dict, out: str | Path, flag: str = "--out") -> Path:
     """Save ``result`` at ``out`` atomically; values JSON cannot hold (a dtype, a path) are saved
     as text rather than lose the file."""
-    return save_json(json.loads(json_text(result)), out, flag, kind="bench result")
+    return save_json(json.loads(json_text(result)), out, flag, kind=BENCH_RESULT)
 
 
 def write_result(result: dict, out: str | None, device: torch.device | str = "cpu", echo: bool = False) -> None:

@@ -54,7 +54,15 @@ from rnp_fast.outputs.markers import (
     TRAINED_MODEL,
     is_ours,
 )
-from rnp_fast.outputs.results import is_our_json, json_text, refuse_other_json_kind, save_json
+from rnp_fast.outputs.results import (
+    BENCH_RESULT,
+    PROBE_RESULT,
+    is_our_json,
+    json_text,
+    refuse_other_json_kind,
+    save_json,
+    vet_json_result,
+)
 from rnp_fast.outputs.run_directory import RunDirectory
 from rnp_fast.outputs.vetting import claim_directory, is_rnp_fast_folder, vet_output, vet_output_file, writing_inside
 
@@ -78,5 +86,8 @@ __all__ = [
     "save_json",
     "vet_output",
     "vet_output_file",
+    "vet_json_result",
+    "BENCH_RESULT",
+    "PROBE_RESULT",
     "writing_inside",
 ]

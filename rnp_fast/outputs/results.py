@@ -75,11 +75,22 @@ def refuse_other_json_kind(target: Path, kind: str | None, flag: str) -> None:
         raise OutputError(f"{flag} {target} is a {found} made by rnp-fast, not a {kind}; choose another {flag}")
 
 
+BENCH_RESULT = "bench result"  # the kinds of JSON result rnp-fast writes (`save_json`'s ``kind``)
+PROBE_RESULT = "probe result"
+
+
+def vet_json_result(path: str | Path, kind: str | None, flag: str = "--out") -> Path:
+    """Where a JSON result of ``kind`` may be written: a new file, or a result of ours of that kind
+    (else a one-line refusal); commands check it before their work, `save_json` again when saving."""
+    target = vet_output_file(path, flag=flag, owned=is_our_json)
+    refuse_other_json_kind(target, kind, flag)
+    return target
+
+
 def save_json(data: dict, path: str | Path, flag: str = "--out", kind: str | None = None) -> Path:
     """Write a result file atomically (an interrupted writer never leaves half a JSON file), only
     over a file of ours (of the same ``kind``); the data is stamped ``made_by`` (and ``kind``)."""
-    target = vet_output_file(path, flag=flag, owned=is_our_json)
-    refuse_other_json_kind(target, kind, flag)
+    target = vet_json_result(path, kind, flag)
     staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
     stamp = {"made_by": MADE_BY, **({"kind": kind} if kind else {})}
     try:
