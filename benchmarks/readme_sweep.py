@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from rnp_fast import harness
+from rnp_fast.errors import UserError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,7 +30,10 @@ def readme_yaml() -> str:
 
 
 def rnp_fast(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "rnp_fast", *args], check=True)
+    """``rnp-fast ARGS`` in a child process; its failure is one line here (its own error printed above)."""
+    code = subprocess.run([sys.executable, "-m", "rnp_fast", *args]).returncode
+    if code != 0:
+        raise UserError(f"rnp-fast {args[0]} exited {code} (its error is printed above)")
 
 
 def main() -> None:

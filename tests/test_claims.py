@@ -11,8 +11,6 @@ inline code must belong to a quote, so a new figure there cannot go unchecked.
 from __future__ import annotations
 
 import csv
-import functools
-import importlib.util
 import json
 import re
 import subprocess
@@ -21,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tests_support import benchmark_module
 
 from rnp_fast.repeats import Goal, headline
 
@@ -135,17 +134,6 @@ def study_figures() -> SimpleNamespace:
         seeds=len(demo),
         rows=rows,
     )
-
-
-@functools.cache
-def benchmark_module(name: str):
-    """A script of benchmarks/ as a module (its table renderers are the one home of its format);
-    registered under its name while it loads, as dataclasses need."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def bench_figures() -> SimpleNamespace:

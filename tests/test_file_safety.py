@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests_support import TINY_WIDTH
+from tests_support import TINY_WIDTH, dead_pid
 
 from rnp_fast.cli import main
 from rnp_fast.models import build_model
@@ -679,12 +679,6 @@ def test_an_error_line_looks_at_a_bounded_part_of_any_value():
         with pytest.raises(SweepFileError) as refused:
             check_value(path, value, "s.yaml", f"fixed.{path}")
         assert time.perf_counter() - started < 1 and len(str(refused.value)) < 300, str(refused.value)[:400]
-
-
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()  # a pid that no longer exists (reused only after the pid range wraps)
-    return process.pid
 
 
 def test_only_leftovers_proven_ours_are_removed_or_put_back(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests_support import TINY_WIDTH, strict_json_files
+from tests_support import TINY_WIDTH, benchmark_module, strict_json_files
 
 import rnp_fast
 from rnp_fast.cli import build_parser, config_from_args
@@ -188,8 +188,6 @@ def test_a_wide_interval_on_enough_images_runs_with_a_warning():
 
 def test_the_readmes_sweep_example_expands(tmp_path):
     """The README's sweep file holds out enough images for the rule (it would be refused otherwise)."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    block = next(b for b in text.split("```yaml\n")[1:] if "name: digits-attacks" in b).split("```")[0]
     path = tmp_path / "digits-attacks.yaml"
-    path.write_text(block, encoding="utf-8")
+    path.write_text(benchmark_module("readme_sweep").readme_yaml(), encoding="utf-8")
     assert len(load_sweep(path).jobs) == 12

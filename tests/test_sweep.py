@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tests_support import TINY_WIDTH, strict_json, strict_json_files
+from tests_support import TINY_WIDTH, dead_pid, strict_json, strict_json_files
 
 from rnp_fast.cli import main
 from rnp_fast.config import SweepRunConfig
@@ -488,24 +488,23 @@ def test_only_dead_tasks_scratch_folders_are_removed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(backends.tempfile, "gettempdir", lambda: str(tmp_path))
     host = socket.gethostname()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # a pid that no longer exists (reused only after the pid range wraps)
+    dead = dead_pid()
     folders = {
-        "dead": f"{SCRATCH_PREFIX}{dead.pid}-{host}-abc_123",
+        "dead": f"{SCRATCH_PREFIX}{dead}-{host}-abc_123",
         "alive": f"{SCRATCH_PREFIX}{os.getpid()}-{host}-abc_123",
-        "other host": f"{SCRATCH_PREFIX}{dead.pid}-not-{host}-abc_123",
+        "other host": f"{SCRATCH_PREFIX}{dead}-not-{host}-abc_123",
         "not ours": f"{SCRATCH_PREFIX}notes",
         "older name": f"{SCRATCH_PREFIX}k2j4h3",
     }
     for name in folders.values():  # each a killed task's scratch: its job's run folder, complete
         with RunDirectory(tmp_path / name / "job", kind="sweep job") as run:
             run.write_text("summary.json", "{}")
-    users = f"{SCRATCH_PREFIX}{dead.pid}-{host}-users_files"  # named like one, holding the user's file
+    users = f"{SCRATCH_PREFIX}{dead}-{host}-users_files"  # named like one, holding the user's file
     (tmp_path / users).mkdir()
     (tmp_path / users / "notes.txt").write_text("mine")
     folders["user's"] = users
-    (tmp_path / f"{SCRATCH_PREFIX}{dead.pid}-{host}-file").write_text("a file, not a folder")
+    (tmp_path / f"{SCRATCH_PREFIX}{dead}-{host}-file").write_text("a file, not a folder")
     backends.remove_dead_scratch()
     left = {p.name for p in tmp_path.iterdir()}
     assert folders["dead"] not in left
-    assert left == {*folders.values(), f"{SCRATCH_PREFIX}{dead.pid}-{host}-file"} - {folders["dead"]}
+    assert left == {*folders.values(), f"{SCRATCH_PREFIX}{dead}-{host}-file"} - {folders["dead"]}
