@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 from tests_support import benchmark_module
 
-from rnp_fast.repeats import Goal, headline
+from rnp_fast.repeats import headline
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -61,21 +61,21 @@ def log_line(printed: list[str], pattern: str) -> str:
 # The figures: one namespace per source
 
 
-def demo_figures(summary: dict, config: dict, printed: list[str], goal: dict) -> SimpleNamespace:
-    """The single demo (seed 0): its summary.json, config.json and log, with what the text derives."""
+def demo_figures(summary: dict, config: dict, printed: list[str]) -> SimpleNamespace:
+    """The single demo (seed 0): its summary.json, config.json and log; the text's words for the
+    verdict are the product's own (summary.json's ``verdict``)."""
     s = namespace(summary)
-    drop = summary["clean_acc_full_before"] - summary["clean_acc_full_after"]
-    success = Goal(**goal).met(summary["clean_acc_full_before"], summary["clean_acc_full_after"], summary["asr_after"])
+    verdict, failed = summary["verdict"], summary["verdict"]["failed"]
     sizes = r"(\d+) defense images, (\d+) held out"
     defense, held_out = map(int, re.match(sizes, log_line(printed, sizes)).groups())
     return SimpleNamespace(
         s=s,
         cfg=namespace(config),
-        drop_points=drop * 100,
-        nontarget_drop_points=(summary["clean_acc_before"] - summary["clean_acc_after"]) * 100,
-        removes="removes the backdoor" if summary["asr_after"] <= goal["max_asr"] else "leaves the backdoor",
-        bound="within" if drop <= goal["max_clean_drop"] else "more than",
-        verdict="a success" if success else "not a success",
+        drop_points=summary["clean_acc_full_drop"] * 100,
+        nontarget_drop_points=summary["clean_acc_drop"] * 100,
+        removes="removes the backdoor" if "asr_after" not in failed else "leaves the backdoor",
+        bound="within" if "clean_acc_full_drop" not in failed else "more than",
+        verdict="a success" if verdict["success"] else "not a success",
         after_line=log_line(printed, "after defense:"),
         defense_images=defense + held_out,
         held_out=held_out,
@@ -88,7 +88,7 @@ def repeats_figures(run: dict) -> SimpleNamespace:
     """A `demo --repeats` run: its summary with the per-seed lists the text quotes."""
     result = run["repeats"]
     seeds = result["per_seed"]
-    gone = [r for r in seeds if r["asr_after"] <= result["goal"]["max_asr"]]
+    gone = [r for r in seeds if r["failed"] is not None and "asr_after" not in r["failed"]]  # its verdict: ASR met
     return SimpleNamespace(
         r=namespace(result),
         headline=headline(result),
@@ -215,7 +215,7 @@ def saved_figures() -> dict:
     repeats = load("demo_repeats_cpu.json")["runs"]
     goal = repeats["data"]["repeats"]["goal"]
     return {
-        "demo": demo_figures(single["summary"], single["config"], single["printed"], goal),
+        "demo": demo_figures(single["summary"], single["config"], single["printed"]),
         "data": repeats_figures(repeats["data"]),
         "order": repeats_figures(repeats["order"]),
         "goal": namespace(goal | {"points": goal["max_clean_drop"] * 100}),
@@ -545,9 +545,7 @@ def test_the_saved_demo_results_are_what_the_demo_prints(demo_run):
     figures = saved_figures()
     config = json.loads((out / "config.json").read_text())
     timed_as_saved = {**fresh, "seconds": saved["summary"]["seconds"]}  # a time is the saved idle run's, not this one's
-    figures["demo"] = demo_figures(
-        timed_as_saved, config, printed, load("demo_repeats_cpu.json")["runs"]["data"]["repeats"]["goal"]
-    )
+    figures["demo"] = demo_figures(timed_as_saved, config, printed)
     missing = missing_claims(figures)
     assert not missing, "quoted figures differ from a fresh `rnp-fast demo`:\n" + "\n".join(missing)
 
