@@ -51,7 +51,7 @@ from rnp_fast.data import defense_data
 from rnp_fast.defense import DefendJob, compute_defense
 from rnp_fast.defense_stages import Inputs
 from rnp_fast.demo import DEMO_DATA, DEMO_MODEL, DEMO_RNP
-from rnp_fast.diagnostics import predicted_class_histogram
+from rnp_fast.diagnostics import ClassHistogram, predicted_class_histogram
 from rnp_fast.loaders.augment import normalisation
 from rnp_fast.resolved import resolve_run
 from rnp_fast.sweep.spec import load_sweep
@@ -362,11 +362,10 @@ def measure_model(spec: ModelSpec, work: Path, settings: Settings, path: Path | 
 
 
 def share_and_entropy(counts: list[int]) -> tuple[int, float, float]:
-    total = sum(counts)
-    shares = [c / total for c in counts]
-    entropy = -sum(p * math.log(p) for p in shares if p > 0)
-    top = max(range(len(counts)), key=lambda c: counts[c])
-    return top, shares[top], entropy
+    """The collapse class and its share (the product's `ClassHistogram`), and the entropy of the counts."""
+    histogram = ClassHistogram(counts)
+    entropy = -sum(c / histogram.total * math.log(c / histogram.total) for c in counts if c > 0)
+    return histogram.top_class, histogram.top_share, entropy
 
 
 def anomaly_index(values: list[float]) -> float:

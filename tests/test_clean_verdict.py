@@ -1,6 +1,7 @@
 """The clean-verdict study (benchmarks/clean_verdict_study.py): its discrimination figures against
 hand-computed values, its plan, its report on made-up records, and (heavy) its dry run end to end."""
 
+import argparse
 import importlib
 import json
 import math
@@ -78,7 +79,10 @@ def test_the_plan_has_ten_or_more_models_a_group_and_varied_targets(study):
     assert len(clean) >= 10 and len(backdoored) >= 10 and len({s.name for s in specs}) == len(specs)
     assert {s.attack for s in backdoored} == {"badnets", "blend", "wanet"} and {s.width for s in specs} == {0.25, 0.125}
     assert len({s.target for s in backdoored}) >= 8  # no class is the backdoors' own
-    halves = study.shard(specs, "0/2"), study.shard(specs, "1/2")
+    halves = study.shard(specs, study.shard_flag("0/2")), study.shard(specs, study.shard_flag("1/2"))
+    for bad in ("2", "2/2", "a/b", "0/0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            study.shard_flag(bad)
     assert sorted(s.name for half in halves for s in half) == sorted(s.name for s in specs)
     assert all({s.group for s in half} == {"clean", "backdoored"} for half in halves)
     job = backdoored[0].job()
