@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,8 @@ from tests_support import TINY_WIDTH, dead_pid
 from rnp_fast.cli import main
 from rnp_fast.models import build_model
 from rnp_fast.outputs import MARKER, OutputError, RunDirectory
-from rnp_fast.outputs.markers import mark, record_of
+from rnp_fast.outputs.leftovers import clean_up_after_killed_runs
+from rnp_fast.outputs.markers import MARKER_BEING_WRITTEN, mark, read_marker, record_of, write_marker
 from rnp_fast.prune import Channel, batchnorm_sizes
 from rnp_fast.report import format_mask_values
 from rnp_fast.sweep.store import ResultsStore
@@ -711,13 +713,71 @@ def test_only_leftovers_proven_ours_are_removed_or_put_back(tmp_path):
     (ours / "notes.txt").unlink()  # now it holds only what the run announced: proven, removed
     set_aside = tmp_path / f".run.old-{pid}-ours"
     shutil.move(target, set_aside / "previous")  # a run killed mid-swap: the result set aside, no target
-    from rnp_fast.outputs.leftovers import clean_up_after_killed_runs
-
     clean_up_after_killed_runs(tmp_path)  # what a sweep does for its jobs/ and models/
     assert not ours.exists() and not set_aside.exists()
     assert json.loads((target / "summary.json").read_text()) == {"new": 1}  # put back
     user_paths = {k: v for k, v in tree_digest(tmp_path).items() if k.startswith(tuple(user_files))}
     assert user_paths == {k: v for k, v in before.items() if k.startswith(tuple(user_files))}
+
+
+KILLED_WRITER = """
+import sys
+from rnp_fast.outputs import RunDirectory
+run = RunDirectory(sys.argv[1]).__enter__()
+print("ready", flush=True)
+for i in range(1_000_000):
+    run.write_text(f"part{i}.txt", "x")  # each name is announced in the staging marker first
+"""
+
+
+def test_a_run_killed_at_any_moment_leaves_a_marker_that_proves_its_leftover(tmp_path):
+    """The staging marker is rewritten before every file a run writes. A kill in the middle of that
+    rewrite used to leave it empty, and the folder then stayed forever (an empty marker proves
+    nothing): 12 of 30 kills did. A marker is now replaced atomically: 20 kills at random moments,
+    the marker always reads, and every leftover is removed by the next run's clean-up."""
+    rng = random.Random(0)
+    for _ in range(20):
+        writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "run")], stdout=subprocess.PIPE)
+        assert writer.stdout.readline() == b"ready\n"
+        time.sleep(rng.uniform(0.0, 0.1))
+        writer.kill()
+        writer.wait()
+        writer.stdout.close()
+        [leftover] = tmp_path.iterdir()
+        assert read_marker(leftover).staging
+        clean_up_after_killed_runs(tmp_path, "run")
+        assert not list(tmp_path.iterdir())
+
+
+def test_a_marker_being_written_is_ours_only_while_it_holds_the_start_of_a_marker(tmp_path):
+    pid = dead_pid()
+    head = '{"made_by": "rnp-fast", "for'  # where a kill before the rename may cut it
+    staging = tmp_path / f".run.partial-{pid}-x"  # killed while announcing its second file
+    with RunDirectory(tmp_path / "donor") as donor:
+        donor.write_text("summary.json", "{}")
+        shutil.copytree(donor.staging, staging)
+    (staging / MARKER_BEING_WRITTEN).write_text(head)
+    store = tmp_path / "store"  # killed while writing its first marker: holds nothing else
+    store.mkdir()
+    (store / MARKER_BEING_WRITTEN).write_text("")
+    clean_up_after_killed_runs(tmp_path, "run")
+    assert not staging.exists()
+    with RunDirectory(store) as run:  # an empty folder to rnp-fast: replaced
+        run.write_text("summary.json", "{}")
+    assert sorted(p.name for p in store.iterdir()) == [MARKER, "summary.json"]
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    (users / MARKER_BEING_WRITTEN).write_text("my own file, named so by chance")
+    with pytest.raises(OutputError, match="was not made by rnp-fast"):
+        RunDirectory(users)
+    with pytest.raises(OutputError, match="was not written by rnp-fast"):
+        write_marker(users, {"kind": "defense run"})
+    (users / MARKER_BEING_WRITTEN).unlink()
+    (users / MARKER_BEING_WRITTEN).symlink_to(users / "notes.txt")  # never written through
+    with pytest.raises(OutputError, match="was not written by rnp-fast"):
+        write_marker(users, {"kind": "defense run"})
+    assert (users / "notes.txt").read_text() == "mine" and not (users / MARKER).exists()
 
 
 WRITERS = """

@@ -11,6 +11,7 @@ file still matches its record). Anything else is left where it is, untouched.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -18,7 +19,14 @@ from pathlib import Path
 
 from rnp_fast.outputs.errors import OutputError
 from rnp_fast.outputs.locks import live_writer, process_alive
-from rnp_fast.outputs.markers import MarkerError, first_unproven, has_marker, read_marker
+from rnp_fast.outputs.markers import (
+    MARKER_BEING_WRITTEN,
+    MarkerError,
+    first_unproven,
+    has_marker,
+    is_marker_being_written,
+    read_marker,
+)
 from rnp_fast.outputs.old_markers import guess_kind
 
 LEFTOVER = re.compile(r"\.(?P<target>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[^/]+")
@@ -79,7 +87,11 @@ def proven_ours(directory: Path) -> bool:
 
 
 def is_empty(directory: Path) -> bool:
+    """Nothing in it, or only what a process killed while writing its first marker left."""
     try:
-        return next(directory.iterdir(), None) is None
+        entries = list(itertools.islice(directory.iterdir(), 2))
     except OSError:
         return False
+    return not entries or (
+        entries[0].name == MARKER_BEING_WRITTEN and len(entries) == 1 and is_marker_being_written(entries[0])
+    )

@@ -14,6 +14,11 @@ none of them. Folders from before markers recorded hashes (format 1) are judged 
 A staging folder (a run being written) has a marker with ``"staging": true`` and the names the run
 has started writing (``"writing"``): their content is not final yet, so a killed run's staging
 folder is recognised by those names alone (`leftovers`).
+
+A marker is replaced atomically: written whole as ``.rnp-fast.writing`` beside it, then renamed
+over it, so a process killed at any moment leaves the previous marker (or none) intact, never an
+empty or half one. What such a kill can leave is the ``.rnp-fast.writing`` file, which counts as
+rnp-fast's only while it is a plain file holding the beginning of a marker (`is_marker_being_written`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from rnp_fast import __version__
 from rnp_fast.outputs.errors import OutputError
 
 MARKER = ".rnp-fast"
+MARKER_BEING_WRITTEN = ".rnp-fast.writing"  # renamed over MARKER once complete
 MADE_BY = "rnp-fast"
 FORMAT = 2  # 1: a list of file names (or nothing) without hashes; see old_markers
 
@@ -227,7 +233,7 @@ def first_unproven(directory: Path, marker: Marker, kind: str | None) -> tuple[s
 def walk_unproven(directory: Path, prefix: str, proven, claims_folder) -> tuple[str, str] | None:
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         name = prefix + entry.name
-        if name == MARKER:
+        if name == MARKER or (name == MARKER_BEING_WRITTEN and is_marker_being_written(Path(entry.path))):
             continue
         if entry.is_symlink():
             return name, "was not written by rnp-fast"  # rnp-fast never makes links
@@ -257,7 +263,8 @@ def claims_below(marker: Marker, folder: str) -> bool:
 
 def files_in(directory: Path) -> list[str]:
     """Every file below ``directory``, as posix paths relative to it (the marker's list)."""
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
+    names = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return sorted(name for name in names if name not in (MARKER, MARKER_BEING_WRITTEN))
 
 
 def mark(directory: Path, kind: str, files: Iterable[str] = ()) -> None:
@@ -273,7 +280,38 @@ def mark_staging(directory: Path, kind: str, writing: Iterable[str] = ()) -> Non
 
 
 def write_marker(directory: Path, fields: dict) -> None:
+    """Replace ``directory``'s marker atomically (see the module docstring)."""
     record = {"made_by": MADE_BY, "format": FORMAT, "version": __version__, **fields}
+    pending = directory / MARKER_BEING_WRITTEN
+    if os.path.lexists(pending):
+        if not is_marker_being_written(pending):
+            raise OutputError(f"{pending} was not written by rnp-fast; it touches nothing in {directory}")
+        pending.unlink()  # what a killed write of ours left
+    # O_EXCL: a file or link made under that name since is never written through
+    descriptor = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with open(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(marker_text(record))
+        os.replace(pending, directory / MARKER)
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+
+
+def marker_text(record: dict) -> str:
     from rnp_fast.outputs.results import json_text  # results reads the markers: imported here, not above
 
-    (directory / MARKER).write_text(json_text(record, indent=None), encoding="utf-8")
+    return json_text(record, indent=None)
+
+
+def is_marker_being_written(path: Path) -> bool:
+    """Is ``path`` what a write of a marker killed before its rename leaves: a plain file, no bigger
+    than a marker, holding the beginning of one (possibly nothing)?"""
+    head = marker_text({"made_by": MADE_BY, "format": FORMAT})[:-2]  # '{"made_by": "rnp-fast", "format": 2'
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_MARKER_BYTES:
+            return False
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return text.startswith(head) or head.startswith(text)
