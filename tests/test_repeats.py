@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -140,11 +141,12 @@ def test_repeats_over_order_keep_the_defense_images_and_draw_only_their_order(ti
 
 
 def comparable(lines: list[str]) -> list[str]:
-    """A log's lines without their times (stamps, epoch seconds, seed seconds), sorted: the
-    losses, accuracies and pruning rows, to 4 decimals, whatever order the seeds finished in."""
+    """A log's lines without their times (stamps, epoch seconds, seed seconds, a step's "done in"),
+    sorted: the losses, accuracies and pruning rows, to 4 decimals, whatever order the seeds
+    finished in."""
     kept = []
     for line in lines:
-        text = line.split("] - ", 1)[1]
+        text = re.sub(r": done in \d+(\.\d+)? s$", ": done", line.split("] - ", 1)[1])
         fields = text.split(" \t ")
         if fields[0].isdigit() and len(fields) > 3:  # an epoch row: epoch, lr, seconds, losses...
             del fields[2]
