@@ -20,7 +20,6 @@ from pathlib import Path
 from rnp_fast.outputs.errors import OutputError
 from rnp_fast.outputs.locks import live_writer, process_alive
 from rnp_fast.outputs.markers import (
-    MARKER_BEING_WRITTEN,
     MarkerError,
     first_unproven,
     has_marker,
@@ -92,6 +91,4 @@ def is_empty(directory: Path) -> bool:
         entries = list(itertools.islice(directory.iterdir(), 2))
     except OSError:
         return False
-    return not entries or (
-        entries[0].name == MARKER_BEING_WRITTEN and len(entries) == 1 and is_marker_being_written(entries[0])
-    )
+    return not entries or (len(entries) == 1 and is_marker_being_written(entries[0]))

@@ -305,9 +305,11 @@ def marker_text(record: dict) -> str:
 
 
 def is_marker_being_written(path: Path) -> bool:
-    """Is ``path`` what a write of a marker killed before its rename leaves: a plain file, no bigger
-    than a marker, holding the beginning of one (possibly nothing)?"""
+    """Is ``path`` what a write of a marker killed before its rename leaves: a plain file named
+    MARKER_BEING_WRITTEN, no bigger than a marker, holding the beginning of one (possibly nothing)?"""
     head = marker_text({"made_by": MADE_BY, "format": FORMAT})[:-2]  # '{"made_by": "rnp-fast", "format": 2'
+    if path.name != MARKER_BEING_WRITTEN:
+        return False
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_MARKER_BYTES:
             return False
